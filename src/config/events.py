@@ -1,0 +1,88 @@
+"""Start-up and shut-down, wired through FastAPI's ``lifespan``.
+
+Order (DESIGN.md): database first (the only dependency whose absence stops start-up), then Redis,
+then Kafka, then background tasks. Shut-down runs in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from src.config.settings import Settings
+from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
+from src.services.connections import (
+    close_kafka_connection,
+    close_redis_connection,
+    initialize_kafka_connection,
+    initialize_redis_connection,
+)
+from src.services.supervisor import start_supervisor
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start: the database is unreachable or not migrated."""
+
+
+async def _connect_database(app: FastAPI, settings: Settings) -> None:
+    engine = create_engine(settings)
+    app.state.engine = engine
+    app.state.sessionmaker = create_sessionmaker(engine)
+    try:
+        await check_database(engine, settings.DATABASE_CONNECT_TIMEOUT + 1)
+        current, head = await migration_status(engine)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot start"
+        await engine.dispose()
+        raise StartupError(f"database unreachable: {type(exc).__name__}: {exc}") from None
+    if current != head:
+        await engine.dispose()
+        raise StartupError(
+            f"database not migrated (at {sorted(current) or 'nothing'}, head is {sorted(head)}); "
+            "run `alembic upgrade head`"
+        )
+    logger.info("Database connected (%s)", engine.url.get_backend_name())
+
+
+async def on_startup(app: FastAPI) -> None:
+    settings: Settings = app.state.settings
+    app.state.background_tasks = []
+    await _connect_database(app, settings)
+    # Redis and Kafka connect concurrently: each is bounded, neither can stop start-up.
+    await asyncio.gather(initialize_redis_connection(app), initialize_kafka_connection(app))
+    app.state.background_tasks.extend(start_supervisor(app))
+    logger.info("Start-up complete")
+
+
+async def on_shutdown(app: FastAPI) -> None:
+    tasks: list[asyncio.Task[None]] = getattr(app.state, "background_tasks", [])
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
+    await close_kafka_connection(app)
+    await close_redis_connection(app)
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        await engine.dispose()
+    logger.info("Shut-down complete")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    try:
+        await on_startup(app)
+    except BaseException:
+        # Whatever started before the failure is closed again; nothing is left dangling.
+        await on_shutdown(app)
+        raise
+    try:
+        yield
+    finally:
+        await on_shutdown(app)

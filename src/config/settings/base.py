@@ -1,0 +1,136 @@
+"""Every setting the service reads, in one place.
+
+Names and defaults of the Redis and Kafka variables are fixed by the original specification; the
+rest follow DESIGN.md. Values come from the environment and, when present, a ``.env`` file.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Environment(StrEnum):
+    DEVELOPMENT = "development"
+    TEST = "test"
+    PRODUCTION = "production"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=True,
+    )
+
+    # --- service -------------------------------------------------------------------------------
+    ENVIRONMENT: Environment = Environment.DEVELOPMENT
+    PROJECT_NAME: str = "User Management Service"
+    API_V1_PREFIX: str = "/api/v1"
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    DATA_DIR: Path = Path("./data")
+
+    # --- database ------------------------------------------------------------------------------
+    DATABASE_URL: str = "sqlite+aiosqlite:///./data/app.db"
+    DATABASE_POOL_SIZE: int = Field(default=10, ge=1, le=1000)
+    DATABASE_MAX_OVERFLOW: int = Field(default=10, ge=0, le=1000)
+    # Seconds a request waits for a pooled connection before it gets a 503 (fail fast, no pile-up).
+    DATABASE_POOL_TIMEOUT: float = Field(default=2.0, gt=0, le=60)
+    DATABASE_CONNECT_TIMEOUT: float = Field(default=3.0, gt=0, le=60)
+
+    # --- Redis (names and defaults from the specification) --------------------------------------
+    REDIS_ENABLED: bool = True
+    REDIS_HOST: str = "localhost"
+    REDIS_PORT: int = Field(default=6379, ge=1, le=65535)
+    REDIS_DB: int = Field(default=0, ge=0)
+    REDIS_PASSWORD: SecretStr | None = None
+    REDIS_SSL: bool = False
+    REDIS_CONNECT_TIMEOUT: float = Field(default=0.5, gt=0, le=30)
+    REDIS_SOCKET_TIMEOUT: float = Field(default=0.5, gt=0, le=30)
+    # A cache should give up quickly: a couple of retries, then fall back to the database.
+    REDIS_RETRIES: int = Field(default=2, ge=0, le=10)
+    REDIS_HEALTH_CHECK_INTERVAL: int = Field(default=15, ge=0)
+    REDIS_MAX_CONNECTIONS: int = Field(default=100, ge=1)
+
+    # --- Kafka (names and defaults from the specification) --------------------------------------
+    KAFKA_ENABLED: bool = True
+    KAFKA_BOOTSTRAP_SERVERS: str = "localhost:9092"
+    KAFKA_GROUP_ID: str = "user_service_group"
+    KAFKA_AUTO_OFFSET_RESET: Literal["earliest", "latest", "none"] = "latest"
+    KAFKA_ENABLE_AUTO_COMMIT: bool = True
+    KAFKA_SESSION_TIMEOUT_MS: int = Field(default=30000, gt=0)
+    KAFKA_REQUEST_TIMEOUT_MS: int = Field(default=40000, gt=0)
+    KAFKA_RETRY_BACKOFF_MS: int = Field(default=100, ge=0)
+    # On for production; the tansu test broker lacks InitProducerId, so the tests turn it off.
+    KAFKA_ENABLE_IDEMPOTENCE: bool = True
+    KAFKA_CLIENT_ID: str = "user-management-service"
+    KAFKA_USER_EVENTS_TOPIC: str = "user-events"
+    KAFKA_NOTIFICATIONS_TOPIC: str = "user-notifications"
+    # Bound on producer start-up and on every send/stop, so a silent broker never stalls us.
+    KAFKA_CONNECT_TIMEOUT: float = Field(default=1.5, gt=0, le=60)
+    KAFKA_SECURITY_PROTOCOL: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    KAFKA_SASL_MECHANISM: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    KAFKA_SASL_USERNAME: str | None = None
+    KAFKA_SASL_PASSWORD: SecretStr | None = None
+    KAFKA_SSL_CAFILE: Path | None = None
+
+    # --- health and reconnection ---------------------------------------------------------------
+    # Each live check (PING, metadata request, SELECT 1) is cut off after this many seconds.
+    HEALTH_CHECK_TIMEOUT: float = Field(default=0.8, gt=0, lt=1)
+    # How often the supervisor probes a dependency that is up, so a loss is noticed within seconds.
+    SUPERVISOR_INTERVAL: float = Field(default=2.0, gt=0, le=300)
+    # Backoff between reconnect attempts to a dependency that is down (doubles up to the maximum).
+    RECONNECT_BACKOFF_INITIAL: float = Field(default=0.5, gt=0, le=300)
+    RECONNECT_BACKOFF_MAX: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("KAFKA_BOOTSTRAP_SERVERS")
+    @classmethod
+    def _bootstrap_servers(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers or any(":" not in s for s in servers):
+            raise ValueError("expected a comma-separated list of host:port")
+        return ",".join(servers)
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        # Accept the plain forms people paste and pick the async driver for them.
+        for plain, async_form in (
+            ("postgresql://", "postgresql+asyncpg://"),
+            ("postgres://", "postgresql+asyncpg://"),
+            ("sqlite://", "sqlite+aiosqlite://"),
+        ):
+            if value.startswith(plain):
+                return async_form + value[len(plain) :]
+        if not value.startswith(("postgresql+asyncpg://", "sqlite+aiosqlite://")):
+            raise ValueError("expected a postgresql:// or sqlite:// URL")
+        return value
+
+    @property
+    def is_production(self) -> bool:
+        return self.ENVIRONMENT is Environment.PRODUCTION
+
+    @property
+    def kafka_bootstrap_list(self) -> list[str]:
+        return self.KAFKA_BOOTSTRAP_SERVERS.split(",")
+
+
+class SettingsError(SystemExit):
+    """Raised when the configuration is invalid: exits with one readable line per bad variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning pydantic's report into short lines that name each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"]) or "settings"
+            lines.append(f"Invalid configuration: {name}: {error['msg']}")
+        raise SettingsError("\n".join(lines)) from None

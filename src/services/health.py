@@ -1,0 +1,124 @@
+"""Live health checks of the database, Redis and Kafka.
+
+Every check does real work (``SELECT 1``, ``PING``, a metadata request) under
+``HEALTH_CHECK_TIMEOUT``; none reads a cached flag, so the answer is true at the moment it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from src import __version__
+from src.config.settings import Settings
+from src.db.session import check_database, migration_status
+from src.services.redis_client import ping
+
+
+class CheckStatus(StrEnum):
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DISABLED = "disabled"
+
+
+class OverallStatus(StrEnum):
+    HEALTHY = "healthy"
+    DEGRADED = "degraded"
+    UNHEALTHY = "unhealthy"
+
+
+class CheckResult(BaseModel):
+    status: CheckStatus
+    latency_ms: float | None = None
+    error: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class HealthReport(BaseModel):
+    status: OverallStatus
+    version: str
+    checks: dict[str, CheckResult]
+
+
+def _error_text(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {timeout:g}s"
+    text, name = str(exc), type(exc).__name__
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+async def _run(probe: Callable[[], Awaitable[float]], timeout: float) -> CheckResult:
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            latency = await probe()
+    except Exception as exc:  # noqa: BLE001 - any failure is "unhealthy", reported, never raised
+        return CheckResult(
+            status=CheckStatus.UNHEALTHY,
+            latency_ms=round((time.perf_counter() - started) * 1000, 2),
+            error=_error_text(exc, timeout),
+        )
+    return CheckResult(status=CheckStatus.HEALTHY, latency_ms=round(latency, 2))
+
+
+async def check_database_health(app: FastAPI) -> CheckResult:
+    settings: Settings = app.state.settings
+    timeout = settings.HEALTH_CHECK_TIMEOUT
+    return await _run(lambda: check_database(app.state.engine, timeout), timeout)
+
+
+async def check_redis_health(app: FastAPI) -> CheckResult:
+    settings: Settings = app.state.settings
+    client = getattr(app.state, "redis", None)
+    if not settings.REDIS_ENABLED or client is None:
+        return CheckResult(status=CheckStatus.DISABLED)
+    timeout = settings.HEALTH_CHECK_TIMEOUT
+    return await _run(lambda: ping(client, timeout), timeout)
+
+
+async def check_kafka_health(app: FastAPI) -> CheckResult:
+    settings: Settings = app.state.settings
+    manager = getattr(app.state, "kafka", None)
+    if not settings.KAFKA_ENABLED or manager is None:
+        return CheckResult(status=CheckStatus.DISABLED)
+    timeout = settings.HEALTH_CHECK_TIMEOUT
+    return await _run(lambda: manager.check_cluster(timeout), timeout)
+
+
+async def health_report(app: FastAPI) -> HealthReport:
+    database, redis, kafka = await asyncio.gather(
+        check_database_health(app), check_redis_health(app), check_kafka_health(app)
+    )
+    if database.status is CheckStatus.UNHEALTHY:
+        overall = OverallStatus.UNHEALTHY
+    elif CheckStatus.UNHEALTHY in (redis.status, kafka.status):
+        overall = OverallStatus.DEGRADED
+    else:
+        overall = OverallStatus.HEALTHY
+    return HealthReport(
+        status=overall,
+        version=__version__,
+        checks={"database": database, "redis": redis, "kafka": kafka},
+    )
+
+
+async def readiness(app: FastAPI) -> str | None:
+    """``None`` when ready to serve; otherwise why not (database unreachable or not migrated)."""
+    settings: Settings = app.state.settings
+    timeout = settings.HEALTH_CHECK_TIMEOUT
+    try:
+        async with asyncio.timeout(timeout):
+            current, head = await migration_status(app.state.engine)
+    except Exception as exc:  # noqa: BLE001
+        return f"database unreachable: {_error_text(exc, timeout)}"
+    if current != head:
+        return "database not migrated"
+    return None

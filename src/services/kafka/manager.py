@@ -1,0 +1,175 @@
+"""``KafkaManager``: the one object that talks to the Kafka cluster.
+
+It owns the producer, builds consumers from the specification's consumer settings and answers
+"is the cluster there?" with a real metadata request. Every await on the network is bounded:
+aiokafka's own timeouts are 40 s and some of its waits (``send`` on a producer that never started,
+``stop`` with a lost broker and idempotence on) have none at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.helpers import create_ssl_context
+
+from src.config.settings import Settings
+from src.services.kafka.serializers import KafkaSerializer
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaUnavailableError(RuntimeError):
+    """The producer is not connected, or the broker did not answer in time."""
+
+
+class KafkaManager:
+    def __init__(self, settings: Settings, serializer: KafkaSerializer | None = None) -> None:
+        self.settings = settings
+        self.serializer = serializer or KafkaSerializer()
+        self.producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._lock = asyncio.Lock()
+
+    # --- connection options shared by producer, consumers and admin ---------------------------
+    def _common_options(self) -> dict[str, Any]:
+        s = self.settings
+        options: dict[str, Any] = {
+            "bootstrap_servers": s.kafka_bootstrap_list,
+            "client_id": s.KAFKA_CLIENT_ID,
+            "request_timeout_ms": s.KAFKA_REQUEST_TIMEOUT_MS,
+            "retry_backoff_ms": s.KAFKA_RETRY_BACKOFF_MS,
+            "security_protocol": s.KAFKA_SECURITY_PROTOCOL,
+        }
+        if s.KAFKA_SECURITY_PROTOCOL in ("SSL", "SASL_SSL"):
+            cafile = str(s.KAFKA_SSL_CAFILE) if s.KAFKA_SSL_CAFILE else None
+            options["ssl_context"] = create_ssl_context(cafile=cafile)
+        if s.KAFKA_SECURITY_PROTOCOL.startswith("SASL"):
+            options["sasl_mechanism"] = s.KAFKA_SASL_MECHANISM or "PLAIN"
+            options["sasl_plain_username"] = s.KAFKA_SASL_USERNAME
+            options["sasl_plain_password"] = (
+                s.KAFKA_SASL_PASSWORD.get_secret_value() if s.KAFKA_SASL_PASSWORD else None
+            )
+        return options
+
+    @property
+    def started(self) -> bool:
+        return self.producer is not None
+
+    # --- producer lifecycle -------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the producer within ``KAFKA_CONNECT_TIMEOUT``; raise if it cannot."""
+        async with self._lock:
+            if self.producer is not None:
+                return
+            producer = AIOKafkaProducer(
+                **self._common_options(),
+                acks="all",
+                enable_idempotence=self.settings.KAFKA_ENABLE_IDEMPOTENCE,
+                linger_ms=5,
+            )
+            try:
+                await asyncio.wait_for(producer.start(), self.settings.KAFKA_CONNECT_TIMEOUT)
+            except BaseException:
+                # A producer whose start() failed still owns sockets and tasks: always stop it.
+                await self._stop_quietly(producer)
+                raise
+            self.producer = producer
+
+    async def stop(self) -> None:
+        """Flush and close the producer and the admin client, each within a bound."""
+        async with self._lock:
+            producer, self.producer = self.producer, None
+            admin, self._admin = self._admin, None
+        if producer is not None:
+            await self._stop_quietly(producer)
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(admin.close(), self.settings.KAFKA_CONNECT_TIMEOUT)
+
+    async def restart(self) -> None:
+        """Recreate the producer: the way out of aiokafka states that never recover."""
+        await self.stop()
+        await self.start()
+
+    async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
+        try:
+            await asyncio.wait_for(producer.stop(), self.settings.KAFKA_CONNECT_TIMEOUT * 2)
+        except Exception:
+            logger.debug("Kafka producer did not stop cleanly", exc_info=True)
+
+    # --- producing ----------------------------------------------------------------------------
+    async def send(
+        self,
+        topic: str,
+        value: Any,
+        key: str | None = None,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Serialize and send one message, waiting (bounded) for the broker's acknowledgement."""
+        producer = self.producer
+        if producer is None:
+            raise KafkaUnavailableError("Kafka producer is not connected")
+        payload = value if isinstance(value, bytes) else self.serializer.serialize(value)
+        try:
+            return await asyncio.wait_for(
+                producer.send_and_wait(
+                    topic,
+                    payload,
+                    key=self.serializer.serialize_key(key),
+                    headers=list(headers) if headers else None,
+                ),
+                timeout or self.settings.KAFKA_REQUEST_TIMEOUT_MS / 1000,
+            )
+        except TimeoutError as exc:
+            raise KafkaUnavailableError(f"no acknowledgement from Kafka for {topic}") from exc
+
+    # --- consuming ----------------------------------------------------------------------------
+    def create_consumer(self, *topics: str, group_id: str | None = None, **overrides: Any) -> Any:
+        """A consumer configured from the specification's consumer settings (not yet started)."""
+        s = self.settings
+        options: dict[str, Any] = {
+            **self._common_options(),
+            "group_id": group_id or s.KAFKA_GROUP_ID,
+            "auto_offset_reset": s.KAFKA_AUTO_OFFSET_RESET,
+            "enable_auto_commit": s.KAFKA_ENABLE_AUTO_COMMIT,
+            "session_timeout_ms": s.KAFKA_SESSION_TIMEOUT_MS,
+            **overrides,
+        }
+        return AIOKafkaConsumer(*topics, **options)
+
+    # --- health -------------------------------------------------------------------------------
+    async def check_cluster(self, timeout: float) -> float:
+        """A live metadata request (``DescribeCluster``) under ``timeout``; return latency in ms."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                admin = await self._admin_client()
+                await admin.describe_cluster()
+        except BaseException:
+            # Start from a fresh bootstrap next time rather than trusting a half-broken client.
+            admin, self._admin = self._admin, None
+            if admin is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(admin.close(), timeout)
+            raise
+        return (time.perf_counter() - started) * 1000
+
+    async def _admin_client(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self._common_options())
+            try:
+                await admin.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+                raise
+            self._admin = admin
+        return self._admin
