@@ -79,6 +79,49 @@ class Settings(BaseSettings):
     KAFKA_SASL_PASSWORD: SecretStr | None = None
     KAFKA_SSL_CAFILE: Path | None = None
 
+    # --- accounts and tokens --------------------------------------------------------------------
+    # Public base URL of the service or its front end: reset and verification links start here,
+    # never from the request's Host header.
+    PUBLIC_BASE_URL: str = "http://localhost:8000"
+    FIRST_ADMIN_EMAIL: str | None = None
+    FIRST_ADMIN_PASSWORD: SecretStr | None = None
+    JWT_ALGORITHM: Literal["RS256", "ES256", "EdDSA"] = "RS256"
+    # PEM text of the signing key, or a file holding it; required in production. In development a
+    # key is generated once and kept under DATA_DIR.
+    JWT_PRIVATE_KEY: SecretStr | None = None
+    JWT_PRIVATE_KEY_FILE: Path | None = None
+    JWT_ISSUER: str = "user-management-service"
+    JWT_AUDIENCE: str = "user-management-service"
+    ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(default=15, ge=1, le=1440)
+    # A refresh token expires when unused for this long; its session ends after the absolute limit.
+    REFRESH_TOKEN_EXPIRE_DAYS: int = Field(default=14, ge=1, le=365)
+    SESSION_MAX_LIFETIME_DAYS: int = Field(default=90, ge=1, le=3650)
+    PASSWORD_RESET_TOKEN_EXPIRE_MINUTES: int = Field(default=30, ge=1, le=1440)
+    EMAIL_VERIFICATION_TOKEN_EXPIRE_HOURS: int = Field(default=48, ge=1, le=720)
+
+    # --- passwords (OWASP: argon2id, m=19 MiB, t=2, p=1) ----------------------------------------
+    ARGON2_TIME_COST: int = Field(default=2, ge=1, le=20)
+    ARGON2_MEMORY_COST: int = Field(default=19456, ge=8192, le=4_194_304)
+    ARGON2_PARALLELISM: int = Field(default=1, ge=1, le=16)
+    # Threads that hash passwords off the event loop; 0 means one per core.
+    PASSWORD_HASH_WORKERS: int = Field(default=0, ge=0, le=256)
+
+    # --- brute-force protection (Keycloak-style escalating lock-out) -----------------------------
+    LOGIN_RATE_LIMIT_WINDOW_SECONDS: int = Field(default=60, ge=1, le=86400)
+    LOGIN_RATE_LIMIT_PER_IP: int = Field(default=30, ge=1)
+    LOGIN_RATE_LIMIT_PER_ACCOUNT: int = Field(default=10, ge=1)
+    # After this many consecutive failures an account is locked for LOCKOUT_WAIT_INCREMENT_SECONDS,
+    # growing with each further failure up to LOCKOUT_MAX_WAIT_SECONDS; failures are forgotten
+    # after LOCKOUT_FAILURE_RESET_SECONDS without one.
+    LOCKOUT_FAILURE_THRESHOLD: int = Field(default=5, ge=1)
+    LOCKOUT_WAIT_INCREMENT_SECONDS: int = Field(default=60, ge=1)
+    LOCKOUT_MAX_WAIT_SECONDS: int = Field(default=900, ge=1)
+    LOCKOUT_FAILURE_RESET_SECONDS: int = Field(default=43200, ge=1)
+
+    # --- caching and requests ------------------------------------------------------------------
+    CACHE_TTL_SECONDS: int = Field(default=300, ge=1, le=86400)
+    MAX_REQUEST_BODY_BYTES: int = Field(default=65536, ge=1024)
+
     # --- health and reconnection ---------------------------------------------------------------
     # Each live check (PING, metadata request, SELECT 1) is cut off after this many seconds.
     HEALTH_CHECK_TIMEOUT: float = Field(default=0.8, gt=0, lt=1)
