@@ -21,6 +21,7 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
@@ -70,7 +71,12 @@ def redis_location() -> Iterator[tuple[str, int, int]]:
     if url:
         parsed = urlparse(url)
         db = int(parsed.path.lstrip("/") or 0)
-        yield parsed.hostname or "127.0.0.1", parsed.port or 6379, db
+        host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+        # Leftovers of an earlier run (cache entries, counters) must not leak into this one.
+        flush = SyncRedis(host=host, port=port, db=db, socket_timeout=5)
+        flush.flushdb()
+        flush.close()
+        yield host, port, db
         return
     server = RedisServer()
     server.start()
