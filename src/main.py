@@ -6,10 +6,13 @@ from fastapi import FastAPI
 
 from src import __version__
 from src.api.errors import install_error_handlers
+from src.api.middleware import BodySizeLimitMiddleware
 from src.api.router import api_router
 from src.config.events import lifespan
 from src.config.logging import configure_logging
 from src.config.settings import Settings, load_settings
+
+API_V1 = "/api/v1"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -20,11 +23,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title=settings.PROJECT_NAME,
         version=__version__,
         lifespan=lifespan,
-        openapi_url=f"{settings.API_V1_PREFIX}/openapi.json",
+        openapi_url=f"{API_V1}/openapi.json",
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.include_router(api_router, prefix=settings.API_V1_PREFIX)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BODY_BYTES)
+    app.include_router(api_router, prefix=API_V1)
     return app
 
 

@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import OAuth2PasswordBearer
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from src.auth import service as auth_service
+from src.auth.context import Principal, Security
+from src.auth.service import ClientInfo
 from src.config.settings import Settings
+from src.errors import NotAuthenticated, PermissionDenied
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka.manager import KafkaManager
+
+API_V1 = "/api/v1"
+audit = logging.getLogger("src.auth.audit")
+
+# The transport: where the access token travels (an "Authorization: Bearer" header). Declaring it
+# as OAuth2 password flow is what makes Swagger UI's Authorize button work against /auth/login.
+bearer_transport = OAuth2PasswordBearer(tokenUrl=f"{API_V1}/auth/login", auto_error=False)
 
 
 def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+def get_security(request: Request) -> Security:
+    security: Security = request.app.state.security
+    return security
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -32,7 +50,43 @@ def get_kafka(request: Request) -> KafkaManager | None:
     return get_kafka_from_app(request.app)
 
 
+def get_client_info(request: Request) -> ClientInfo:
+    # Behind a proxy, run uvicorn with --proxy-headers and --forwarded-allow-ips so this is real.
+    host = request.client.host if request.client else "unknown"
+    return ClientInfo(ip=host, user_agent=request.headers.get("user-agent"))
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+SecurityDep = Annotated[Security, Depends(get_security)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 RedisDep = Annotated[Redis | None, Depends(get_redis)]
 KafkaDep = Annotated[KafkaManager | None, Depends(get_kafka)]
+ClientDep = Annotated[ClientInfo, Depends(get_client_info)]
+
+
+async def get_current_user(
+    db: SessionDep,
+    sec: SecurityDep,
+    token: Annotated[str | None, Depends(bearer_transport)],
+) -> Principal:
+    if not token:
+        raise NotAuthenticated()
+    return await auth_service.authenticate(db, sec, token)
+
+
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+
+
+async def get_current_admin(principal: CurrentUser, request: Request) -> Principal:
+    if not principal.is_admin:
+        audit.info(
+            "authorization refused: user=%s %s %s reason=not_admin",
+            principal.id,
+            request.method,
+            request.url.path,
+        )
+        raise PermissionDenied("Administrator role required.")
+    return principal
+
+
+AdminUser = Annotated[Principal, Depends(get_current_admin)]

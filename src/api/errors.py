@@ -15,7 +15,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from src.errors import DomainError
 
 logger = logging.getLogger(__name__)
 
@@ -26,26 +29,23 @@ class ProblemResponse(JSONResponse):
     media_type = PROBLEM_JSON
 
 
-class Problem(Exception):
-    """Raise from anywhere to answer with a problem document."""
+class ProblemDocument(BaseModel):
+    """RFC 9457 problem details (extension members may follow)."""
 
-    def __init__(
-        self,
-        status: int,
-        detail: str | None = None,
-        *,
-        title: str | None = None,
-        type_: str = "about:blank",
-        headers: dict[str, str] | None = None,
-        **extra: Any,
-    ) -> None:
-        super().__init__(detail or title or HTTPStatus(status).phrase)
-        self.status = status
-        self.title = title or HTTPStatus(status).phrase
-        self.detail = detail
-        self.type = type_
-        self.headers = headers
-        self.extra = extra
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+
+
+# For ``responses=`` in route declarations, so OpenAPI documents every error reply.
+PROBLEM: dict[str, Any] = {
+    "description": "Problem details (RFC 9457)",
+    "content": {PROBLEM_JSON: {"schema": ProblemDocument.model_json_schema()}},
+}
 
 
 def problem_response(
@@ -68,13 +68,12 @@ def problem_response(
     return ProblemResponse(body, status_code=status, headers=headers)
 
 
-async def _problem(request: Request, exc: Exception) -> ProblemResponse:
-    assert isinstance(exc, Problem)
+async def _domain_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, DomainError)
     return problem_response(
         exc.status,
         exc.detail,
         title=exc.title,
-        type_=exc.type,
         instance=request.url.path,
         headers=exc.headers,
         **exc.extra,
@@ -88,11 +87,6 @@ async def _http_exception(request: Request, exc: Exception) -> ProblemResponse:
         detail = None
     headers = dict(exc.headers) if exc.headers else None
     return problem_response(exc.status_code, detail, instance=request.url.path, headers=headers)
-
-
-def _safe_input(value: Any) -> Any:
-    # Echoing input back helps, except where it may be a secret.
-    return value if isinstance(value, int | float | bool) or value is None else None
 
 
 async def _validation_error(request: Request, exc: Exception) -> ProblemResponse:
@@ -127,7 +121,7 @@ async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(Problem, _problem)
+    app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
     for exc_type in (OperationalError, PoolTimeoutError, DBAPIError, ConnectionError, OSError):

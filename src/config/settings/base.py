@@ -31,7 +31,6 @@ class Settings(BaseSettings):
     # --- service -------------------------------------------------------------------------------
     ENVIRONMENT: Environment = Environment.DEVELOPMENT
     PROJECT_NAME: str = "User Management Service"
-    API_V1_PREFIX: str = "/api/v1"
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     DATA_DIR: Path = Path("./data")
 

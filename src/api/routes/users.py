@@ -1,0 +1,189 @@
+"""User endpoints: the caller's own account, its sessions, and the admin API.
+
+A user may read and change only itself (through ``/users/me`` or its own id); admins may do
+anything, except remove the last active admin.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response, status
+
+from src.api.dependencies import API_V1, AdminUser, CurrentUser, SecurityDep, SessionDep
+from src.api.errors import PROBLEM
+from src.auth import service as auth_service
+from src.auth.context import Principal
+from src.db.models import User
+from src.errors import PermissionDenied, PreconditionFailed
+from src.users import service as user_service
+from src.users.schemas import (
+    PasswordChange,
+    Role,
+    SessionPublic,
+    UserCreate,
+    UserPublic,
+    UserUpdate,
+    UserUpdateMe,
+    UsersPage,
+)
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+_AUTH = {401: PROBLEM}
+_WRITE = {401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM, 412: PROBLEM, 422: PROBLEM}
+IfMatch = Annotated[
+    str | None, Header(description="The ETag from a GET; the update fails with 412 if stale.")
+]
+
+
+def _etag(user: User | UserPublic) -> str:
+    return f'"{user.version}"'
+
+
+def _expected_version(if_match: str | None) -> int | None:
+    """Parse ``If-Match: "3"`` (or ``W/"3"``, or ``*``); anything else can never match."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    tag = if_match.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit():
+        raise PreconditionFailed("If-Match does not name a version of this user.")
+    return int(tag)
+
+
+def _reply(user: User, response: Response) -> UserPublic:
+    response.headers["ETag"] = _etag(user)
+    return UserPublic.model_validate(user)
+
+
+def _only_self_or_admin(principal: Principal, user_id: uuid.UUID) -> None:
+    if principal.id != user_id and not principal.is_admin:
+        raise PermissionDenied("You may only access your own account.")
+
+
+# --- the caller's own account ---------------------------------------------------------------------
+
+
+@router.get("/me", response_model=UserPublic, responses=_AUTH)
+async def read_me(principal: CurrentUser, db: SessionDep, response: Response) -> UserPublic:
+    return _reply(await user_service.get_user(db, principal.id), response)
+
+
+@router.patch("/me", response_model=UserPublic, responses=_WRITE)
+async def update_me(
+    body: UserUpdateMe,
+    principal: CurrentUser,
+    db: SessionDep,
+    sec: SecurityDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> UserPublic:
+    user = await user_service.update_user(
+        db,
+        sec,
+        principal.id,
+        body.model_dump(exclude_unset=True),
+        actor=principal,
+        expected_version=_expected_version(if_match),
+    )
+    return _reply(user, response)
+
+
+@router.delete("/me", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE)
+async def delete_me(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -> None:
+    await user_service.delete_user(db, sec, principal.id, principal)
+
+
+@router.post("/me/password", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE)
+async def change_password(
+    body: PasswordChange, principal: CurrentUser, db: SessionDep, sec: SecurityDep
+) -> None:
+    """Needs the current password; every other session of the account ends."""
+    await user_service.change_password(
+        db, sec, principal, body.current_password, body.new_password
+    )
+
+
+@router.get("/me/sessions", response_model=list[SessionPublic], responses=_AUTH)
+async def list_my_sessions(principal: CurrentUser, db: SessionDep) -> list[SessionPublic]:
+    return await auth_service.list_sessions(db, principal)
+
+
+@router.delete(
+    "/me/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE
+)
+async def revoke_my_session(
+    session_id: uuid.UUID, principal: CurrentUser, db: SessionDep, sec: SecurityDep
+) -> None:
+    await auth_service.revoke_session(db, sec, principal, session_id)
+
+
+# --- admin (and self by id) -----------------------------------------------------------------------
+
+
+@router.get("", response_model=UsersPage, responses={**_AUTH, 403: PROBLEM, 422: PROBLEM})
+async def list_users(
+    _admin: AdminUser,
+    db: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+    is_active: bool | None = None,
+    role: Role | None = None,
+    q: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+) -> UsersPage:
+    """Keyset-paginated: pass ``next_cursor`` back as ``cursor``; filters combine with AND."""
+    users, next_cursor = await user_service.list_users(
+        db, limit=limit, cursor=cursor, is_active=is_active, role=role, q=q
+    )
+    return UsersPage(
+        items=[UserPublic.model_validate(u) for u in users], next_cursor=next_cursor
+    )
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=UserPublic, responses=_WRITE)
+async def create_user(
+    body: UserCreate, admin: AdminUser, db: SessionDep, sec: SecurityDep, response: Response
+) -> UserPublic:
+    user = await user_service.create_user(db, sec, **body.model_dump(), actor_id=admin.id)
+    response.headers["Location"] = f"{API_V1}/users/{user.id}"
+    return _reply(user, response)
+
+
+@router.get("/{user_id}", response_model=UserPublic, responses=_WRITE)
+async def read_user(
+    user_id: uuid.UUID, principal: CurrentUser, db: SessionDep, response: Response
+) -> UserPublic:
+    _only_self_or_admin(principal, user_id)
+    return _reply(await user_service.get_user(db, user_id), response)
+
+
+@router.patch("/{user_id}", response_model=UserPublic, responses=_WRITE)
+async def update_user(
+    user_id: uuid.UUID,
+    body: UserUpdate,
+    principal: CurrentUser,
+    db: SessionDep,
+    sec: SecurityDep,
+    response: Response,
+    if_match: IfMatch = None,
+) -> UserPublic:
+    _only_self_or_admin(principal, user_id)
+    changes: dict[str, Any] = body.model_dump(exclude_unset=True)
+    if not principal.is_admin:
+        # Through its own id a user may change exactly what /users/me allows.
+        privileged = sorted(changes.keys() - UserUpdateMe.model_fields.keys())
+        if privileged:
+            raise PermissionDenied(f"Only an administrator may change: {', '.join(privileged)}.")
+    user = await user_service.update_user(
+        db, sec, user_id, changes, actor=principal, expected_version=_expected_version(if_match)
+    )
+    return _reply(user, response)
+
+
+@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE)
+async def delete_user(
+    user_id: uuid.UUID, principal: CurrentUser, db: SessionDep, sec: SecurityDep
+) -> None:
+    _only_self_or_admin(principal, user_id)
+    await user_service.delete_user(db, sec, user_id, principal)

@@ -1,0 +1,335 @@
+"""Signing in and out: the password and refresh-token grants, sessions, resets and verification.
+
+Every authentication outcome is logged with the user id (or ``unknown``), the client IP and a
+reason, never with a password or a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from src.auth.context import Principal, Security
+from src.auth.jwt import TokenError
+from src.auth.secrets import hash_token, new_token
+from src.db.models import RefreshToken, User, UserSession
+from src.db.types import utcnow
+from src.errors import DomainError, NotAuthenticated, NotFound, OAuthError, TooManyRequests
+from src.events.outbox import EventType, record_event
+from src.users import repository
+from src.users.cache import SessionState
+from src.users.schemas import SessionPublic, TokenResponse, UserPublic
+from src.users.service import (
+    EMAIL_VERIFICATION,
+    PASSWORD_RESET,
+    commit_change,
+    enforce_password_policy,
+    issue_one_time_token,
+    record_verification_request,
+    set_password,
+    snapshot,
+)
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("src.auth.audit")
+
+_INVALID_CREDENTIALS = "Invalid email or password."
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    ip: str
+    user_agent: str | None
+
+
+# --- password grant -------------------------------------------------------------------------------
+
+
+async def login(
+    db: AsyncSession, sec: Security, email: str, password: str, client: ClientInfo
+) -> TokenResponse:
+    account = email.strip().lower()
+    wait = await sec.guard.check(client.ip, account)
+    if wait is not None:
+        audit.warning("login refused: user=unknown ip=%s reason=rate_limited", client.ip)
+        raise TooManyRequests(wait)
+
+    user = await repository.get_user_by_email(db, account)
+    if user is None:
+        # Spend the same hashing time as a real check so timing does not reveal accounts.
+        await sec.hasher.verify_dummy(password)
+        await sec.guard.record_failure(client.ip, account)
+        audit.info("login failed: user=unknown ip=%s reason=invalid_credentials", client.ip)
+        raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
+
+    if not await sec.hasher.verify(user.password_hash, password):
+        locked_for = await sec.guard.record_failure(client.ip, account)
+        record_event(
+            db,
+            sec.settings,
+            EventType.LOGIN_FAILED,
+            user.id,
+            {"id": user.id, "ip": client.ip, "reason": "invalid_credentials",
+             "locked_for_seconds": locked_for},
+        )
+        await db.commit()
+        audit.info(
+            "login failed: user=%s ip=%s reason=invalid_credentials%s",
+            user.id,
+            client.ip,
+            f" locked_for={locked_for:.0f}s" if locked_for else "",
+        )
+        raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
+
+    if not user.is_active:
+        audit.info("login failed: user=%s ip=%s reason=inactive", user.id, client.ip)
+        raise OAuthError("invalid_grant", "This account is disabled.")
+
+    await sec.guard.record_success(account)
+    if sec.hasher.needs_rehash(user.password_hash):
+        # Parameters were raised since this hash was made: upgrade it while we have the password.
+        user.password_hash = await sec.hasher.hash(password)
+    session, refresh = _open_session(db, sec, user, client)
+    record_event(
+        db,
+        sec.settings,
+        EventType.LOGGED_IN,
+        user.id,
+        {"id": user.id, "session_id": session.id, "ip": client.ip},
+    )
+    await db.commit()
+    audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    return _token_response(sec, user, session, refresh)
+
+
+def _open_session(
+    db: AsyncSession, sec: Security, user: User, client: ClientInfo
+) -> tuple[UserSession, str]:
+    now = utcnow()
+    absolute = now + timedelta(days=sec.settings.SESSION_MAX_LIFETIME_DAYS)
+    session = UserSession(
+        id=uuid.uuid4(),
+        user_id=user.id,
+        rotation_counter=0,
+        created_at=now,
+        last_used_at=now,
+        expires_at=min(now + timedelta(days=sec.settings.REFRESH_TOKEN_EXPIRE_DAYS), absolute),
+        absolute_expires_at=absolute,
+        ip_address=client.ip,
+        user_agent=(client.user_agent or "")[:512] or None,
+    )
+    db.add(session)
+    refresh = _new_refresh_token(db, session, now)
+    return session, refresh
+
+
+def _new_refresh_token(db: AsyncSession, session: UserSession, now: datetime) -> str:
+    token = new_token()
+    db.add(
+        RefreshToken(
+            token_hash=hash_token(token),
+            session_id=session.id,
+            generation=session.rotation_counter,
+            issued_at=now,
+        )
+    )
+    return token
+
+
+def _token_response(
+    sec: Security, user: User, session: UserSession, refresh_token: str
+) -> TokenResponse:
+    access, expires_in = sec.tokens.issue(user.id, session.id, user.role)
+    return TokenResponse(access_token=access, expires_in=expires_in, refresh_token=refresh_token)
+
+
+# --- refresh-token grant --------------------------------------------------------------------------
+
+
+async def refresh(
+    db: AsyncSession, sec: Security, refresh_token: str, client: ClientInfo
+) -> TokenResponse:
+    """Rotate the refresh token; a token presented twice ends its whole session (reuse detection)."""
+    invalid = OAuthError("invalid_grant", "The refresh token is invalid or expired.")
+    row = await repository.get_refresh_token(db, hash_token(refresh_token))
+    if row is None:
+        audit.info("refresh failed: user=unknown ip=%s reason=unknown_token", client.ip)
+        raise invalid
+    session = await repository.get_session(db, row.session_id)
+    if session is None:
+        raise invalid
+    now = utcnow()
+    if row.used_at is not None:
+        if session.revoked_at is None:
+            session.revoked_at, session.revoked_reason = now, "refresh_reuse"
+            await commit_change(db, sec, session_ids=[session.id])
+        audit.warning(
+            "refresh token reuse: user=%s ip=%s session=%s revoked", session.user_id, client.ip,
+            session.id,
+        )
+        raise invalid
+    if session.revoked_at is not None or session.expires_at <= now:
+        audit.info("refresh failed: user=%s ip=%s reason=session_ended", session.user_id, client.ip)
+        raise invalid
+    user = await repository.get_user(db, session.user_id)
+    if user is None or not user.is_active:
+        raise invalid
+
+    row.used_at = now
+    session.rotation_counter += 1
+    session.last_used_at = now
+    session.expires_at = min(
+        now + timedelta(days=sec.settings.REFRESH_TOKEN_EXPIRE_DAYS), session.absolute_expires_at
+    )
+    session.ip_address = client.ip
+    new_refresh = _new_refresh_token(db, session, now)
+    await db.commit()
+    audit.info("refresh succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    return _token_response(sec, user, session, new_refresh)
+
+
+# --- access tokens (the strategy half of "transport + strategy") -----------------------------------
+
+
+async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal:
+    """Check an access token and its session; the cache answers when it can, the database else."""
+    try:
+        claims = sec.tokens.decode(token)
+        user_id, session_id = uuid.UUID(claims.sub), uuid.UUID(claims.sid)
+    except (TokenError, ValueError) as exc:
+        audit.info("token refused: reason=%s", exc)
+        raise NotAuthenticated("The access token is invalid or expired.") from None
+
+    user, state = await sec.cache.get_auth(user_id, session_id)
+    if user is None or state is None:
+        user_row = await repository.get_user(db, user_id)
+        session_row = await repository.get_session(db, session_id)
+        if user_row is None or session_row is None or session_row.user_id != user_id:
+            raise NotAuthenticated("The session has ended.")
+        user = UserPublic.model_validate(user_row)
+        state = SessionState(
+            user_id=user_id,
+            expires_at=session_row.expires_at,
+            revoked=session_row.revoked_at is not None,
+        )
+        await sec.cache.store(user, session_id, state)
+    if state.revoked or state.expires_at <= utcnow() or state.user_id != user_id:
+        audit.info("token refused: user=%s reason=session_ended", user_id)
+        raise NotAuthenticated("The session has ended.")
+    if not user.is_active:
+        audit.info("token refused: user=%s reason=inactive", user_id)
+        raise NotAuthenticated("This account is disabled.")
+    return Principal(user=user, session_id=session_id)
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+
+async def logout(db: AsyncSession, sec: Security, principal: Principal) -> None:
+    session = await repository.get_session(db, principal.session_id)
+    if session is not None and session.revoked_at is None:
+        session.revoked_at, session.revoked_reason = utcnow(), "logout"
+    await commit_change(db, sec, session_ids=[principal.session_id])
+    audit.info("logout: user=%s session=%s", principal.id, principal.session_id)
+
+
+async def logout_all(db: AsyncSession, sec: Security, principal: Principal) -> int:
+    revoked = await repository.revoke_sessions(db, principal.id, utcnow(), "logout_all")
+    await commit_change(db, sec, session_ids=revoked)
+    audit.info("logout everywhere: user=%s sessions=%d", principal.id, len(revoked))
+    return len(revoked)
+
+
+async def list_sessions(db: AsyncSession, principal: Principal) -> list[SessionPublic]:
+    sessions = await repository.list_active_sessions(db, principal.id, utcnow())
+    return [
+        SessionPublic.model_validate(s).model_copy(update={"current": s.id == principal.session_id})
+        for s in sessions
+    ]
+
+
+async def revoke_session(
+    db: AsyncSession, sec: Security, principal: Principal, session_id: uuid.UUID
+) -> None:
+    session = await repository.get_session(db, session_id)
+    if session is None or session.user_id != principal.id or session.revoked_at is not None:
+        raise NotFound("No such session.")
+    session.revoked_at, session.revoked_reason = utcnow(), "revoked"
+    await commit_change(db, sec, session_ids=[session_id])
+    audit.info("session revoked: user=%s session=%s", principal.id, session_id)
+
+
+# --- password reset and email verification --------------------------------------------------------
+
+
+async def request_password_reset(db: AsyncSession, sec: Security, email: str) -> None:
+    """Always succeeds from the caller's view: whether the account exists is never revealed."""
+    user = await repository.get_user_by_email(db, email)
+    if user is None or not user.is_active:
+        logger.info("password reset requested for no active account")
+        return
+    now = utcnow()
+    await repository.spend_one_time_tokens(db, user.id, PASSWORD_RESET, now)
+    token, row = issue_one_time_token(db, sec, user, PASSWORD_RESET)
+    record_event(
+        db,
+        sec.settings,
+        EventType.PASSWORD_RESET_REQUESTED,
+        user.id,
+        {
+            "user_id": user.id,
+            "email": user.email,
+            "full_name": user.full_name,
+            "token": token,
+            # Built from configuration, never from the request's Host header.
+            "url": f"{sec.settings.PUBLIC_BASE_URL.rstrip('/')}/reset-password?token={token}",
+            "expires_at": row.expires_at,
+        },
+    )
+    await db.commit()
+    logger.info("password reset requested: user=%s", user.id)
+
+
+async def _spend_token(db: AsyncSession, token: str, purpose: str) -> User:
+    row = await repository.get_one_time_token(db, hash_token(token), purpose)
+    now = utcnow()
+    if row is None or row.used_at is not None or row.expires_at <= now:
+        raise DomainError("The token is invalid, expired or already used.")
+    user = await repository.get_user(db, row.user_id)
+    if user is None or not user.is_active:
+        raise DomainError("The token is invalid, expired or already used.")
+    await repository.spend_one_time_tokens(db, user.id, purpose, now)
+    return user
+
+
+async def confirm_password_reset(
+    db: AsyncSession, sec: Security, token: str, new_password: str
+) -> None:
+    """Set the new password and end every session; the user then signs in as usual."""
+    user = await _spend_token(db, token, PASSWORD_RESET)
+    enforce_password_policy(new_password, user.email)
+    await set_password(db, sec, user, new_password, reason="reset")
+    await sec.guard.record_success(user.email)
+
+
+async def request_email_verification(db: AsyncSession, sec: Security, email: str) -> None:
+    user = await repository.get_user_by_email(db, email)
+    if user is None or not user.is_active or user.email_verified:
+        return
+    await record_verification_request(db, sec, user)
+    await db.commit()
+
+
+async def confirm_email_verification(db: AsyncSession, sec: Security, token: str) -> User:
+    user = await _spend_token(db, token, EMAIL_VERIFICATION)
+    if not user.email_verified:
+        user.email_verified = True
+        user.updated_at = utcnow()
+        await db.flush()
+        record_event(db, sec.settings, EventType.EMAIL_VERIFIED, user.id, snapshot(user))
+    await commit_change(db, sec, [user.id])
+    return user

@@ -1,0 +1,316 @@
+"""Domain functions for user accounts: create, change, delete, list.
+
+Each function is one unit of work: it validates, changes rows, records the matching events in the
+same transaction, commits, and only then reports success. Cache entries are dropped before the
+commit (so the relay cannot publish the event while a stale entry is still served) and again after
+it (so a read racing the commit cannot leave the old value behind).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
+
+from src.auth.context import Principal, Security
+from src.auth.passwords import PasswordPolicyError, check_password_policy
+from src.auth.secrets import hash_token, new_token
+from src.db.models import OneTimeToken, User
+from src.db.types import utcnow
+from src.errors import Conflict, DomainError, InvalidInput, NotFound, PreconditionFailed
+from src.events.outbox import EventType, record_event
+from src.users import repository
+from src.users.schemas import UserPublic
+
+logger = logging.getLogger(__name__)
+
+EMAIL_VERIFICATION = "email_verification"
+PASSWORD_RESET = "password_reset"
+
+
+def snapshot(user: User) -> dict[str, Any]:
+    """The user as events and the cache carry it: public fields only, never the hash."""
+    return UserPublic.model_validate(user).model_dump(mode="json")
+
+
+def enforce_password_policy(password: str, email: str) -> None:
+    try:
+        check_password_policy(password, email)
+    except PasswordPolicyError as exc:
+        raise InvalidInput(str(exc), errors=[{"loc": ["body", "password"], "msg": str(exc)}]) from None
+
+
+async def commit_change(db: AsyncSession, sec: Security, user_ids: Sequence[uuid.UUID] = (),
+                        session_ids: Sequence[uuid.UUID] = ()) -> None:
+    """Flush, drop cache entries, commit, drop them again (see the module docstring)."""
+    await db.flush()
+    await sec.cache.invalidate(user_ids, session_ids)
+    await db.commit()
+    await sec.cache.invalidate(user_ids, session_ids)
+
+
+def issue_one_time_token(
+    db: AsyncSession, sec: Security, user: User, purpose: str
+) -> tuple[str, OneTimeToken]:
+    """A fresh single-use token; only its hash is stored."""
+    token = new_token()
+    lifetime = (
+        timedelta(minutes=sec.settings.PASSWORD_RESET_TOKEN_EXPIRE_MINUTES)
+        if purpose == PASSWORD_RESET
+        else timedelta(hours=sec.settings.EMAIL_VERIFICATION_TOKEN_EXPIRE_HOURS)
+    )
+    row = OneTimeToken(
+        token_hash=hash_token(token),
+        user_id=user.id,
+        purpose=purpose,
+        created_at=utcnow(),
+        expires_at=utcnow() + lifetime,
+    )
+    db.add(row)
+    return token, row
+
+
+async def record_verification_request(db: AsyncSession, sec: Security, user: User) -> None:
+    """Issue a verification link for the user's current address; earlier links stop working."""
+    await repository.spend_one_time_tokens(db, user.id, EMAIL_VERIFICATION, utcnow())
+    token, row = issue_one_time_token(db, sec, user, EMAIL_VERIFICATION)
+    record_event(
+        db,
+        sec.settings,
+        EventType.VERIFICATION_REQUESTED,
+        user.id,
+        {
+            "user_id": user.id,
+            "email": user.email,
+            "full_name": user.full_name,
+            "token": token,
+            "url": f"{sec.settings.PUBLIC_BASE_URL.rstrip('/')}/verify-email?token={token}",
+            "expires_at": row.expires_at,
+        },
+    )
+
+
+async def create_user(
+    db: AsyncSession,
+    sec: Security,
+    *,
+    email: str,
+    password: str,
+    full_name: str | None = None,
+    role: str = "user",
+    is_active: bool = True,
+    email_verified: bool = False,
+    actor_id: uuid.UUID | None = None,
+) -> User:
+    enforce_password_policy(password, email)
+    if await repository.get_user_by_email(db, email) is not None:
+        raise Conflict("An account with this email already exists.")
+    now = utcnow()
+    user = User(
+        id=uuid.uuid4(),
+        email=email,
+        full_name=full_name,
+        password_hash=await sec.hasher.hash(password),
+        role=role,
+        is_active=is_active,
+        email_verified=email_verified,
+        created_at=now,
+        updated_at=now,
+    )
+    db.add(user)
+    try:
+        await db.flush()
+    except IntegrityError:
+        # Two registrations of one address raced; the database's unique index decided.
+        await db.rollback()
+        raise Conflict("An account with this email already exists.") from None
+    record_event(
+        db, sec.settings, EventType.REGISTERED, user.id, {**snapshot(user), "actor_id": actor_id}
+    )
+    if not email_verified:
+        await record_verification_request(db, sec, user)
+    await db.commit()
+    logger.info("user created: user=%s role=%s actor=%s", user.id, role, actor_id or user.id)
+    return user
+
+
+async def get_user(db: AsyncSession, user_id: uuid.UUID) -> User:
+    user = await repository.get_user(db, user_id)
+    if user is None:
+        raise NotFound("No such user.")
+    return user
+
+
+async def update_user(
+    db: AsyncSession,
+    sec: Security,
+    user_id: uuid.UUID,
+    changes: dict[str, Any],
+    *,
+    actor: Principal,
+    expected_version: int | None = None,
+) -> User:
+    """Apply ``changes`` (already limited to what the caller may change) to a user."""
+    user = await get_user(db, user_id)
+    if expected_version is not None and user.version != expected_version:
+        raise PreconditionFailed(
+            f"The user has changed (version {user.version}); fetch it again and retry."
+        )
+    changes = {k: v for k, v in changes.items() if getattr(user, k) != v}
+    if not changes:
+        return user
+    if "email" in changes:
+        if await repository.get_user_by_email(db, changes["email"]) is not None:
+            raise Conflict("An account with this email already exists.")
+        changes.setdefault("email_verified", False)
+    demoted = changes.get("role", "admin") != "admin" or changes.get("is_active", True) is False
+    if user.role == "admin" and user.is_active and demoted:
+        await ensure_not_last_admin(db)
+
+    before = snapshot(user)
+    for field, value in changes.items():
+        setattr(user, field, value)
+    user.updated_at = utcnow()
+    try:
+        await db.flush()
+    except StaleDataError:
+        await db.rollback()
+        raise PreconditionFailed("The user was changed concurrently; fetch it again.") from None
+    except IntegrityError:
+        await db.rollback()
+        raise Conflict("An account with this email already exists.") from None
+
+    revoked: list[uuid.UUID] = []
+    after = snapshot(user)
+    meta = {"actor_id": actor.id, "changes": sorted(changes)}
+    if {"email", "full_name"} & changes.keys():
+        record_event(db, sec.settings, EventType.UPDATED, user.id, {**after, **meta})
+        if "email" in changes and not user.email_verified:
+            await record_verification_request(db, sec, user)
+    if "role" in changes:
+        record_event(
+            db,
+            sec.settings,
+            EventType.ROLE_CHANGED,
+            user.id,
+            {**after, **meta, "previous_role": before["role"]},
+        )
+    if changes.get("email_verified") is True:
+        record_event(db, sec.settings, EventType.EMAIL_VERIFIED, user.id, {**after, **meta})
+    if "is_active" in changes:
+        if user.is_active:
+            record_event(db, sec.settings, EventType.ACTIVATED, user.id, {**after, **meta})
+        else:
+            # A disabled account must not keep working through tokens it already holds.
+            revoked = await repository.revoke_sessions(db, user.id, utcnow(), "deactivated")
+            record_event(db, sec.settings, EventType.DEACTIVATED, user.id, {**after, **meta})
+    await commit_change(db, sec, [user.id], revoked)
+    logger.info("user updated: user=%s fields=%s actor=%s", user.id, sorted(changes), actor.id)
+    return user
+
+
+async def ensure_not_last_admin(db: AsyncSession) -> None:
+    if await repository.count_active_admins(db) <= 1:
+        raise Conflict("This is the last active admin; promote another admin first.")
+
+
+async def change_password(
+    db: AsyncSession, sec: Security, principal: Principal, current: str, new: str
+) -> None:
+    """Needs the current password; ends every other session of the user."""
+    user = await get_user(db, principal.id)
+    if not await sec.hasher.verify(user.password_hash, current):
+        logger.info("password change refused: user=%s reason=wrong_current_password", user.id)
+        raise DomainError("The current password is not correct.")
+    enforce_password_policy(new, user.email)
+    await set_password(db, sec, user, new, keep_session=principal.session_id, reason="changed")
+
+
+async def set_password(
+    db: AsyncSession,
+    sec: Security,
+    user: User,
+    password: str,
+    *,
+    reason: str,
+    keep_session: uuid.UUID | None = None,
+) -> None:
+    user.password_hash = await sec.hasher.hash(password)
+    user.updated_at = utcnow()
+    revoked = await repository.revoke_sessions(
+        db, user.id, utcnow(), f"password_{reason}", except_session=keep_session
+    )
+    record_event(
+        db,
+        sec.settings,
+        EventType.PASSWORD_CHANGED,
+        user.id,
+        {"id": user.id, "reason": reason, "sessions_revoked": len(revoked)},
+    )
+    await commit_change(db, sec, [user.id], revoked)
+    logger.info("password %s: user=%s sessions_revoked=%d", reason, user.id, len(revoked))
+
+
+async def delete_user(db: AsyncSession, sec: Security, user_id: uuid.UUID, actor: Principal) -> None:
+    user = await get_user(db, user_id)
+    if user.role == "admin" and user.is_active:
+        await ensure_not_last_admin(db)
+    sessions = await repository.revoke_sessions(db, user.id, utcnow(), "deleted")
+    record_event(
+        db,
+        sec.settings,
+        EventType.DELETED,
+        user.id,
+        {"id": user.id, "actor_id": actor.id, "deleted_at": utcnow()},
+    )
+    await db.delete(user)
+    await commit_change(db, sec, [user.id], sessions)
+    logger.info("user deleted: user=%s actor=%s", user_id, actor.id)
+
+
+async def list_users(
+    db: AsyncSession,
+    *,
+    limit: int,
+    cursor: str | None,
+    is_active: bool | None,
+    role: str | None,
+    q: str | None,
+) -> tuple[Sequence[User], str | None]:
+    try:
+        after = repository.decode_cursor(cursor) if cursor else None
+    except ValueError:
+        raise InvalidInput("The cursor is not valid; start again without one.") from None
+    users = await repository.list_users(
+        db, limit=limit + 1, after=after, is_active=is_active, role=role, q=q
+    )
+    page = users[:limit]
+    next_cursor = repository.encode_cursor(page[-1]) if len(users) > limit else None
+    return page, next_cursor
+
+
+async def ensure_first_admin(db: AsyncSession, sec: Security) -> None:
+    """Create FIRST_ADMIN_EMAIL as an admin when no such account exists (idempotent)."""
+    settings = sec.settings
+    if not settings.FIRST_ADMIN_EMAIL or settings.FIRST_ADMIN_PASSWORD is None:
+        return
+    email = settings.FIRST_ADMIN_EMAIL.strip().lower()
+    if await repository.get_user_by_email(db, email) is not None:
+        return
+    try:
+        await create_user(
+            db,
+            sec,
+            email=email,
+            password=settings.FIRST_ADMIN_PASSWORD.get_secret_value(),
+            role="admin",
+            email_verified=True,
+        )
+    except Conflict:
+        return  # another instance created it first
