@@ -21,6 +21,8 @@ import asyncpg
 import httpx
 import pytest
 import pytest_asyncio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
@@ -123,12 +125,31 @@ def kafka_process() -> Iterator[KafkaBroker]:
         broker.stop()
 
 
+@pytest.fixture(scope="session")
+def jwt_key_file(tmp_root: Path) -> Path:
+    """One RSA signing key for the run (generating one per app would cost ~100 ms each)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_root / "jwt-test.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return path
+
+
 SettingsFactory = Callable[..., Settings]
 
 
 @pytest.fixture
 def make_settings(
-    database_url: str, redis_location: tuple[str, int, int], kafka_bootstrap: str, tmp_path: Path
+    database_url: str,
+    redis_location: tuple[str, int, int],
+    kafka_bootstrap: str,
+    jwt_key_file: Path,
+    tmp_path: Path,
 ) -> SettingsFactory:
     """Settings for the shared servers; keyword arguments override any field."""
     host, port, db = redis_location
@@ -138,6 +159,7 @@ def make_settings(
             "ENVIRONMENT": "test",
             "DATABASE_URL": database_url,
             "DATA_DIR": tmp_path / "data",
+            "JWT_PRIVATE_KEY_FILE": jwt_key_file,
             "REDIS_HOST": host,
             "REDIS_PORT": port,
             "REDIS_DB": db,

@@ -41,6 +41,8 @@ class ProblemDocument(BaseModel):
     instance: str | None = None
 
 
+Responses = dict[int | str, dict[str, Any]]
+
 # For ``responses=`` in route declarations, so OpenAPI documents every error reply.
 PROBLEM: dict[str, Any] = {
     "description": "Problem details (RFC 9457)",

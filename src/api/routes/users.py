@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Response, status
 
 from src.api.dependencies import API_V1, AdminUser, CurrentUser, SecurityDep, SessionDep
-from src.api.errors import PROBLEM
+from src.api.errors import PROBLEM, Responses
 from src.auth import service as auth_service
 from src.auth.context import Principal
 from src.db.models import User
@@ -31,8 +31,8 @@ from src.users.schemas import (
 
 router = APIRouter(prefix="/users", tags=["users"])
 
-_AUTH = {401: PROBLEM}
-_WRITE = {401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM, 412: PROBLEM, 422: PROBLEM}
+_AUTH: Responses = {401: PROBLEM}
+_WRITE: Responses = {401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM, 412: PROBLEM, 422: PROBLEM}
 IfMatch = Annotated[
     str | None, Header(description="The ETag from a GET; the update fails with 412 if stale.")
 ]
@@ -122,7 +122,7 @@ async def revoke_my_session(
 # --- admin (and self by id) -----------------------------------------------------------------------
 
 
-@router.get("", response_model=UsersPage, responses={**_AUTH, 403: PROBLEM, 422: PROBLEM})
+@router.get("", response_model=UsersPage, responses={401: PROBLEM, 403: PROBLEM, 422: PROBLEM})
 async def list_users(
     _admin: AdminUser,
     db: SessionDep,
