@@ -85,16 +85,22 @@ async def main() -> None:
         LOGIN_RATE_LIMIT_PER_ACCOUNT=10**9,
     )
     cores = os.cpu_count() or 1
-    print(f"cores={cores} concurrency={CONCURRENCY} redis={settings.REDIS_ENABLED} "
-          f"kafka={settings.KAFKA_ENABLED}")
+    print(
+        f"cores={cores} concurrency={CONCURRENCY} redis={settings.REDIS_ENABLED} "
+        f"kafka={settings.KAFKA_ENABLED}"
+    )
 
     app = create_app(settings)
     async with LifespanManager(app, startup_timeout=30) as manager:
-        ours = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://b")
+        ours = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=manager.app), base_url="http://b"
+        )
         bare = httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_app()), base_url="http://b")
 
         email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
-        response = await ours.post("/api/v1/auth/register", json={"email": email, "password": PASSWORD})
+        response = await ours.post(
+            "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
+        )
         response.raise_for_status()
 
         async def login() -> httpx.Response:
@@ -121,8 +127,12 @@ async def main() -> None:
         live_rate = await best_of(3, lambda: rate(live, 2, CONCURRENCY))
         me_rate = await best_of(3, lambda: rate(me, 2, CONCURRENCY))
         print(f"\nrequests/s   bare FastAPI route       {baseline:10.0f}  (baseline)")
-        print(f"requests/s   GET /health/live         {live_rate:10.0f}  ratio {live_rate / baseline:.2f}")
-        print(f"requests/s   GET /users/me (JWT)      {me_rate:10.0f}  ratio {me_rate / baseline:.2f}")
+        print(
+            f"requests/s   GET /health/live         {live_rate:10.0f}  ratio {live_rate / baseline:.2f}"
+        )
+        print(
+            f"requests/s   GET /users/me (JWT)      {me_rate:10.0f}  ratio {me_rate / baseline:.2f}"
+        )
 
         # Raw argon2id verification with our parameters on the same number of threads.
         hasher = PasswordHasher(
@@ -167,7 +177,9 @@ async def main() -> None:
     loaded_ms = per_call(lambda: jwt.encode(claims, private, algorithm=algorithm), 200)
     pem_ms = per_call(lambda: jwt.encode(claims, pem, algorithm=algorithm), 30)
     print(f"\nms per token sign with loaded key        {loaded_ms:8.3f}  (ours)")
-    print(f"ms per token sign from PEM text          {pem_ms:8.3f}  ratio {pem_ms / loaded_ms:.1f}x slower")
+    print(
+        f"ms per token sign from PEM text          {pem_ms:8.3f}  ratio {pem_ms / loaded_ms:.1f}x slower"
+    )
 
 
 if __name__ == "__main__":

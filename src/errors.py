@@ -51,7 +51,9 @@ class InvalidInput(DomainError):
 class TooManyRequests(DomainError):
     status, title = 429, "Too Many Requests"
 
-    def __init__(self, retry_after: float, detail: str = "Too many attempts; try again later.") -> None:
+    def __init__(
+        self, retry_after: float, detail: str = "Too many attempts; try again later."
+    ) -> None:
         seconds = max(1, int(retry_after + 0.999))
         super().__init__(detail, headers={"Retry-After": str(seconds)}, retry_after=seconds)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from src import __version__
+from src.api.dependencies import API_V1
 from src.api.errors import install_error_handlers
 from src.api.middleware import BodySizeLimitMiddleware
 from src.api.router import api_router
+from src.api.routes import well_known
 from src.config.events import lifespan
 from src.config.logging import configure_logging
 from src.config.settings import Settings, load_settings
-
-API_V1 = "/api/v1"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BODY_BYTES)
     app.include_router(api_router, prefix=API_V1)
+    app.include_router(well_known.router)
     return app
 
 

@@ -23,12 +23,13 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from src.db.session import upgrade_database
-from tests.helpers import running_app
+from tests.helpers import bearer, login, running_app
 from tests.servers import KafkaBroker, RedisServer, postgres_admin_url
 
 
@@ -191,3 +192,34 @@ async def redis_client(redis_location: tuple[str, int, int]) -> AsyncIterator[Re
         yield client
     finally:
         await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def clean_db(database_url: str) -> None:
+    """Empty every table (tests that count users or admins need a known starting point)."""
+    conn = await asyncpg.connect(_to_asyncpg_dsn(database_url))
+    try:
+        tables = await conn.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'alembic_version'"
+        )
+        if tables:
+            names = ", ".join(f'"{row["tablename"]}"' for row in tables)
+            await conn.execute(f"TRUNCATE {names} CASCADE")
+    finally:
+        await conn.close()
+
+
+ADMIN_PASSWORD = "admin password for tests"
+
+
+@pytest_asyncio.fixture
+async def admin_app(
+    make_settings: SettingsFactory, clean_db: None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
+    """An app whose first admin exists (created at start-up), with that admin signed in."""
+    email = f"admin-{uuid.uuid4().hex[:8]}@example.com"
+    settings = make_settings(FIRST_ADMIN_EMAIL=email, FIRST_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    async with running_app(settings) as (app, client):
+        tokens = await login(client, email, ADMIN_PASSWORD)
+        yield app, client, bearer(tokens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -38,3 +39,48 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
         await asyncio.sleep(interval)
+
+
+# --- accounts -------------------------------------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+def unique_email(prefix: str = "user") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}@example.com"
+
+
+async def register(
+    client: httpx.AsyncClient, email: str | None = None, password: str = PASSWORD, **extra: Any
+) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/auth/register",
+        json={"email": email or unique_email(), "password": password, **extra},
+    )
+    assert response.status_code == 201, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def login(client: httpx.AsyncClient, email: str, password: str = PASSWORD) -> dict[str, Any]:
+    response = await client.post(
+        "/api/v1/auth/login",
+        data={"grant_type": "password", "username": email, "password": password},
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def bearer(tokens: dict[str, Any] | str) -> dict[str, str]:
+    token = tokens if isinstance(tokens, str) else tokens["access_token"]
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def signed_in(
+    client: httpx.AsyncClient, **extra: Any
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Register a fresh user and sign it in: (user, auth headers)."""
+    user = await register(client, **extra)
+    tokens = await login(client, user["email"])
+    return user, bearer(tokens)

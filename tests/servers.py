@@ -95,6 +95,15 @@ class ManagedProcess:
         self.stop()
         self.start()
 
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): no goodbye to its clients, as when a machine dies."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait(timeout=5)
+        wait_for_port_closed(self.port)
+
     def read_log(self) -> str:
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[-2000:]

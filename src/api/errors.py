@@ -13,9 +13,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from src.errors import DomainError
@@ -126,6 +126,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for exc_type in (OperationalError, PoolTimeoutError, DBAPIError, ConnectionError, OSError):
+    for exc_type in (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, OSError):
         app.add_exception_handler(exc_type, _database_unavailable)
     app.add_exception_handler(Exception, _unhandled)

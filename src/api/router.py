@@ -2,7 +2,9 @@
 
 from fastapi import APIRouter
 
-from src.api.routes import health
+from src.api.routes import auth, health, users
 
 api_router = APIRouter()
 api_router.include_router(health.router)
+api_router.include_router(auth.router)
+api_router.include_router(users.router)

@@ -73,8 +73,12 @@ async def login(
             sec.settings,
             EventType.LOGIN_FAILED,
             user.id,
-            {"id": user.id, "ip": client.ip, "reason": "invalid_credentials",
-             "locked_for_seconds": locked_for},
+            {
+                "id": user.id,
+                "ip": client.ip,
+                "reason": "invalid_credentials",
+                "locked_for_seconds": locked_for,
+            },
         )
         await db.commit()
         audit.info(
@@ -93,7 +97,7 @@ async def login(
     if sec.hasher.needs_rehash(user.password_hash):
         # Parameters were raised since this hash was made: upgrade it while we have the password.
         user.password_hash = await sec.hasher.hash(password)
-    session, refresh = _open_session(db, sec, user, client)
+    session, refresh = await _open_session(db, sec, user, client)
     record_event(
         db,
         sec.settings,
@@ -106,7 +110,7 @@ async def login(
     return _token_response(sec, user, session, refresh)
 
 
-def _open_session(
+async def _open_session(
     db: AsyncSession, sec: Security, user: User, client: ClientInfo
 ) -> tuple[UserSession, str]:
     now = utcnow()
@@ -123,6 +127,8 @@ def _open_session(
         user_agent=(client.user_agent or "")[:512] or None,
     )
     db.add(session)
+    # The tables have no ORM relationships, so the session row must exist before its token's.
+    await db.flush()
     refresh = _new_refresh_token(db, session, now)
     return session, refresh
 
@@ -153,7 +159,7 @@ def _token_response(
 async def refresh(
     db: AsyncSession, sec: Security, refresh_token: str, client: ClientInfo
 ) -> TokenResponse:
-    """Rotate the refresh token; a token presented twice ends its whole session (reuse detection)."""
+    """Rotate the refresh token; a token presented twice ends its whole session (reuse)."""
     invalid = OAuthError("invalid_grant", "The refresh token is invalid or expired.")
     row = await repository.get_refresh_token(db, hash_token(refresh_token))
     if row is None:
@@ -168,7 +174,9 @@ async def refresh(
             session.revoked_at, session.revoked_reason = now, "refresh_reuse"
             await commit_change(db, sec, session_ids=[session.id])
         audit.warning(
-            "refresh token reuse: user=%s ip=%s session=%s revoked", session.user_id, client.ip,
+            "refresh token reuse: user=%s ip=%s session=%s revoked",
+            session.user_id,
+            client.ip,
             session.id,
         )
         raise invalid
@@ -192,7 +200,7 @@ async def refresh(
     return _token_response(sec, user, session, new_refresh)
 
 
-# --- access tokens (the strategy half of "transport + strategy") -----------------------------------
+# --- access tokens (the strategy half of "transport + strategy") ------------------------------
 
 
 async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal:

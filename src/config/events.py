@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from src.auth.context import build_security
 from src.config.settings import Settings
 from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
 from src.services.connections import (
@@ -22,6 +23,7 @@ from src.services.connections import (
     initialize_redis_connection,
 )
 from src.services.supervisor import start_supervisor
+from src.users.service import ensure_first_admin
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +54,13 @@ async def _connect_database(app: FastAPI, settings: Settings) -> None:
 async def on_startup(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     app.state.background_tasks = []
+    # Keys and hashing pool first: a missing production secret should stop us before any I/O.
+    app.state.security = build_security(app)
     await _connect_database(app, settings)
     # Redis and Kafka connect concurrently: each is bounded, neither can stop start-up.
     await asyncio.gather(initialize_redis_connection(app), initialize_kafka_connection(app))
+    async with app.state.sessionmaker() as db:
+        await ensure_first_admin(db, app.state.security)
     app.state.background_tasks.extend(start_supervisor(app))
     logger.info("Start-up complete")
 
@@ -71,6 +77,9 @@ async def on_shutdown(app: FastAPI) -> None:
     engine = getattr(app.state, "engine", None)
     if engine is not None:
         await engine.dispose()
+    security = getattr(app.state, "security", None)
+    if security is not None:
+        security.close()
     logger.info("Shut-down complete")
 
 

@@ -43,11 +43,17 @@ def enforce_password_policy(password: str, email: str) -> None:
     try:
         check_password_policy(password, email)
     except PasswordPolicyError as exc:
-        raise InvalidInput(str(exc), errors=[{"loc": ["body", "password"], "msg": str(exc)}]) from None
+        raise InvalidInput(
+            str(exc), errors=[{"loc": ["body", "password"], "msg": str(exc)}]
+        ) from None
 
 
-async def commit_change(db: AsyncSession, sec: Security, user_ids: Sequence[uuid.UUID] = (),
-                        session_ids: Sequence[uuid.UUID] = ()) -> None:
+async def commit_change(
+    db: AsyncSession,
+    sec: Security,
+    user_ids: Sequence[uuid.UUID] = (),
+    session_ids: Sequence[uuid.UUID] = (),
+) -> None:
     """Flush, drop cache entries, commit, drop them again (see the module docstring)."""
     await db.flush()
     await sec.cache.invalidate(user_ids, session_ids)
@@ -257,7 +263,9 @@ async def set_password(
     logger.info("password %s: user=%s sessions_revoked=%d", reason, user.id, len(revoked))
 
 
-async def delete_user(db: AsyncSession, sec: Security, user_id: uuid.UUID, actor: Principal) -> None:
+async def delete_user(
+    db: AsyncSession, sec: Security, user_id: uuid.UUID, actor: Principal
+) -> None:
     user = await get_user(db, user_id)
     if user.role == "admin" and user.is_active:
         await ensure_not_last_admin(db)

@@ -26,7 +26,7 @@ router = APIRouter(prefix="/auth", tags=["auth"])
 
 _ACCEPTED = Accepted(detail="If the account exists, a message is on its way.")
 _OAUTH_ERROR = {
-    "description": "RFC 6749 section 5.2 error, e.g. {\"error\": \"invalid_grant\"}",
+    "description": 'RFC 6749 section 5.2 error, e.g. {"error": "invalid_grant"}',
     "content": {
         "application/json": {
             "example": {"error": "invalid_grant", "error_description": "Invalid email or password."}
@@ -127,9 +127,7 @@ async def password_reset_confirm(
     await auth_service.confirm_password_reset(db, sec, body.token, body.new_password)
 
 
-@router.post(
-    "/verify-email/request", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted
-)
+@router.post("/verify-email/request", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted)
 async def verify_email_request(body: EmailRequest, db: SessionDep, sec: SecurityDep) -> Accepted:
     await auth_service.request_email_verification(db, sec, body.email)
     return _ACCEPTED

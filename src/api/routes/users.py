@@ -24,15 +24,22 @@ from src.users.schemas import (
     SessionPublic,
     UserCreate,
     UserPublic,
+    UsersPage,
     UserUpdate,
     UserUpdateMe,
-    UsersPage,
 )
 
 router = APIRouter(prefix="/users", tags=["users"])
 
 _AUTH: Responses = {401: PROBLEM}
-_WRITE: Responses = {401: PROBLEM, 403: PROBLEM, 404: PROBLEM, 409: PROBLEM, 412: PROBLEM, 422: PROBLEM}
+_WRITE: Responses = {
+    401: PROBLEM,
+    403: PROBLEM,
+    404: PROBLEM,
+    409: PROBLEM,
+    412: PROBLEM,
+    422: PROBLEM,
+}
 IfMatch = Annotated[
     str | None, Header(description="The ETag from a GET; the update fails with 412 if stale.")
 ]
@@ -100,9 +107,7 @@ async def change_password(
     body: PasswordChange, principal: CurrentUser, db: SessionDep, sec: SecurityDep
 ) -> None:
     """Needs the current password; every other session of the account ends."""
-    await user_service.change_password(
-        db, sec, principal, body.current_password, body.new_password
-    )
+    await user_service.change_password(db, sec, principal, body.current_password, body.new_password)
 
 
 @router.get("/me/sessions", response_model=list[SessionPublic], responses=_AUTH)
@@ -136,9 +141,7 @@ async def list_users(
     users, next_cursor = await user_service.list_users(
         db, limit=limit, cursor=cursor, is_active=is_active, role=role, q=q
     )
-    return UsersPage(
-        items=[UserPublic.model_validate(u) for u in users], next_cursor=next_cursor
-    )
+    return UsersPage(items=[UserPublic.model_validate(u) for u in users], next_cursor=next_cursor)
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=UserPublic, responses=_WRITE)

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=True,
+        # "NAME=" in .env means "not set", so a copied .env.example keeps every default.
+        env_ignore_empty=True,
     )
 
     # --- service -------------------------------------------------------------------------------

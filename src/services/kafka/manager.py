@@ -36,6 +36,9 @@ class KafkaManager:
         self.producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
         self._lock = asyncio.Lock()
+        # The supervisor and health requests check the cluster at the same time: without this,
+        # each would build its own admin client and all but one would be left running.
+        self._admin_lock = asyncio.Lock()
 
     # --- connection options shared by producer, consumers and admin ---------------------------
     def _common_options(self) -> dict[str, Any]:
@@ -86,6 +89,7 @@ class KafkaManager:
         """Flush and close the producer and the admin client, each within a bound."""
         async with self._lock:
             producer, self.producer = self.producer, None
+        async with self._admin_lock:
             admin, self._admin = self._admin, None
         if producer is not None:
             await self._stop_quietly(producer)
@@ -103,6 +107,22 @@ class KafkaManager:
             await asyncio.wait_for(producer.stop(), self.settings.KAFKA_CONNECT_TIMEOUT * 2)
         except Exception:
             logger.debug("Kafka producer did not stop cleanly", exc_info=True)
+
+    async def _abandon(self, producer: AIOKafkaProducer) -> None:
+        """Close a producer whose ``stop()`` could not flush (the broker is gone).
+
+        Cutting ``stop()`` short leaves its sender task retrying pending batches for the life of
+        the process (aiokafka #1101), and every ``restart()`` would add another. So cancel the
+        sender (which fails whatever is still pending; the outbox sends it again) and close the
+        client. ``_sender`` is private: the aiokafka version is pinned for this reason.
+        """
+        timeout = self.settings.KAFKA_CONNECT_TIMEOUT
+        sender = getattr(producer, "_sender", None)
+        with contextlib.suppress(Exception):
+            if sender is not None:
+                await asyncio.wait_for(sender.close(), timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.client.close(), timeout)
 
     # --- producing ----------------------------------------------------------------------------
     async def send(
@@ -149,27 +169,30 @@ class KafkaManager:
     async def check_cluster(self, timeout: float) -> float:
         """A live metadata request (``DescribeCluster``) under ``timeout``; return latency in ms."""
         started = time.perf_counter()
+        admin: AIOKafkaAdminClient | None = None
         try:
             async with asyncio.timeout(timeout):
                 admin = await self._admin_client()
                 await admin.describe_cluster()
         except BaseException:
-            # Start from a fresh bootstrap next time rather than trusting a half-broken client.
-            admin, self._admin = self._admin, None
-            if admin is not None:
+            # Start from a fresh bootstrap next time rather than trusting a half-broken client;
+            # unless a concurrent check has already replaced it (then that one is not ours).
+            if admin is not None and self._admin is admin:
+                self._admin = None
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(admin.close(), timeout)
             raise
         return (time.perf_counter() - started) * 1000
 
     async def _admin_client(self) -> AIOKafkaAdminClient:
-        if self._admin is None:
-            admin = AIOKafkaAdminClient(**self._common_options())
-            try:
-                await admin.start()
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await admin.close()
-                raise
-            self._admin = admin
-        return self._admin
+        async with self._admin_lock:
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(**self._common_options())
+                try:
+                    await admin.start()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(admin.close(), self.settings.KAFKA_CONNECT_TIMEOUT)
+                    raise
+                self._admin = admin
+            return self._admin

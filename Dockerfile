@@ -1,0 +1,35 @@
+# The service image: installs the package, migrates the database, then serves on port 8000.
+#   docker build -t user-management-service .
+# docker-compose.yaml runs it with PostgreSQL, Redis and Kafka.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed, unprivileged uid, so mounted secrets can be made readable to it and nothing else.
+RUN groupadd --system --gid 10001 app \
+    && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home \
+       --shell /usr/sbin/nologin app
+
+WORKDIR /app
+
+# What `pip install .` needs (pyproject.toml names README.md), then what the entry point runs.
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip install . && rm -rf build ./*.egg-info
+COPY alembic.ini docker-entrypoint.sh test_connections.py ./
+
+# The code stays root-owned and read-only to the service; only DATA_DIR (./data) is writable.
+RUN mkdir -p /app/data && chown app:app /app/data
+USER app
+
+EXPOSE 8000
+
+# Liveness only: the database, Redis and Kafka have their own checks under /api/v1/health.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health/live', timeout=2)"]
+
+# Through sh, so the script needs no execute bit from the build context.
+ENTRYPOINT ["/bin/sh", "/app/docker-entrypoint.sh"]

@@ -1,0 +1,13 @@
+#!/bin/sh
+# Container entry point: migrate, then serve. The service refuses to start on a database that is
+# not migrated, so `alembic upgrade head` has to come first (it is a no-op when up to date).
+# Any arguments run instead, with the same environment, e.g.
+#   docker compose run --rm app python test_connections.py
+set -eu
+
+if [ "$#" -gt 0 ]; then
+    exec "$@"
+fi
+
+alembic upgrade head
+exec uvicorn src.main:app --host 0.0.0.0 --port 8000

@@ -1,0 +1,419 @@
+"""Start-up and shut-down against real servers: absent, silent and late dependencies, a database
+that is down or not migrated, and the real ``uvicorn`` process (launch time, SIGTERM, bad config).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import asyncpg
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from src.config.events import StartupError
+from src.config.settings import Settings
+from src.services.connections import get_kafka_from_app, get_redis_from_app
+from tests.conftest import SettingsFactory
+from tests.helpers import eventually, running_app
+from tests.servers import KafkaBroker, RedisServer, SilentServer, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HEALTH = "/api/v1/health"
+
+
+def _warnings(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("src") and r.levelno == logging.WARNING and word in r.getMessage()
+    ]
+
+
+class _Started:
+    """``running_app`` entered by hand, so a test can time start-up and shut-down separately."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._cm = running_app(settings)
+        self.startup_seconds = 0.0
+        self.shutdown_seconds = 0.0
+
+    async def __aenter__(self) -> tuple[FastAPI, httpx.AsyncClient]:
+        started = time.perf_counter()
+        app, client = await self._cm.__aenter__()
+        self.startup_seconds = time.perf_counter() - started
+        return app, client
+
+    async def __aexit__(self, *exc: object) -> None:
+        started = time.perf_counter()
+        await self._cm.__aexit__(*exc)  # type: ignore[arg-type]
+        self.shutdown_seconds = time.perf_counter() - started
+
+
+async def _health(client: httpx.AsyncClient) -> dict[str, object]:
+    response = await client.get(HEALTH)
+    assert response.status_code == 200, response.text
+    body: dict[str, object] = response.json()
+    return body
+
+
+def _check_statuses(body: dict[str, object]) -> dict[str, str]:
+    checks = body["checks"]
+    assert isinstance(checks, dict)
+    return {name: check["status"] for name, check in checks.items()}
+
+
+# --- start-up without Redis and Kafka -----------------------------------------------------------
+
+
+async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
+    make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = f"pw-{uuid.uuid4().hex}"
+    settings = make_settings(
+        REDIS_HOST="127.0.0.1",
+        REDIS_PORT=free_port(),
+        REDIS_PASSWORD=secret,
+        KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
+    )
+    caplog.set_level(logging.INFO)
+    started = _Started(settings)
+    async with started as (app, client):
+        assert started.startup_seconds < 2.0, started.startup_seconds
+        assert app.state.redis_available is False and app.state.kafka_available is False
+        assert get_redis_from_app(app) is None and get_kafka_from_app(app) is None
+
+        body = await _health(client)
+        assert body["status"] == "degraded"
+        checks = body["checks"]
+        assert isinstance(checks, dict)
+        assert checks["database"]["status"] == "healthy"
+        for name in ("redis", "kafka"):
+            assert checks[name]["status"] == "unhealthy", checks[name]
+            assert checks[name]["error"], checks[name]
+            single = await client.get(f"{HEALTH}/{name}")
+            assert single.status_code == 503, single.text
+            assert single.json()["status"] == "unhealthy" and single.json()["error"]
+        ready = await client.get(f"{HEALTH}/ready")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+        assert (await client.get(f"{HEALTH}/live")).status_code == 200
+
+        # Several supervisor rounds fail meanwhile: a long outage is still one warning each.
+        await asyncio.sleep(1.0)
+        assert len(_warnings(caplog, "Redis")) == 1, _warnings(caplog, "Redis")
+        assert len(_warnings(caplog, "Kafka")) == 1, _warnings(caplog, "Kafka")
+        assert secret not in body.__repr__()
+    assert secret not in caplog.text
+    assert "Shut-down complete" in caplog.text
+
+
+async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
+    make_settings: SettingsFactory,
+) -> None:
+    """Hosts that accept TCP and never answer, with the DEFAULT timeouts (no overrides)."""
+    redis_host, kafka_host = SilentServer(), SilentServer()
+    try:
+        settings = make_settings(
+            REDIS_HOST="127.0.0.1",
+            REDIS_PORT=redis_host.port,
+            KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka_host.port}",
+        )
+        defaults = Settings.model_fields
+        for name in ("REDIS_CONNECT_TIMEOUT", "REDIS_SOCKET_TIMEOUT", "KAFKA_CONNECT_TIMEOUT"):
+            assert getattr(settings, name) == defaults[name].default, name
+        started = _Started(settings)
+        async with started as (app, client):
+            print(f"start-up against silent hosts: {started.startup_seconds:.2f}s")
+            assert started.startup_seconds < 2.5, started.startup_seconds
+            assert app.state.redis_available is False and app.state.kafka_available is False
+            before = time.perf_counter()
+            body = await _health(client)
+            # Each live check is cut off at HEALTH_CHECK_TIMEOUT (< 1 s); they run concurrently.
+            assert time.perf_counter() - before < 2.0
+            assert body["status"] == "degraded"
+            statuses = _check_statuses(body)
+            assert statuses == {"database": "healthy", "redis": "unhealthy", "kafka": "unhealthy"}
+            # Let the supervisor get stuck mid-attempt, so shut-down has to cut it short.
+            await asyncio.sleep(0.7)
+        print(f"shut-down against silent hosts: {started.shutdown_seconds:.2f}s")
+        assert started.shutdown_seconds < 5.0, started.shutdown_seconds
+    finally:
+        redis_host.close()
+        kafka_host.close()
+
+
+# --- late arrival ---------------------------------------------------------------------------------
+
+
+async def test_dependencies_arriving_late_are_picked_up_without_restart(
+    make_settings: SettingsFactory, redis_process: RedisServer, kafka_process: KafkaBroker
+) -> None:
+    redis_process.stop()
+    kafka_process.stop()
+    settings = make_settings(
+        REDIS_HOST="127.0.0.1",
+        REDIS_PORT=redis_process.port,
+        REDIS_DB=0,
+        KAFKA_BOOTSTRAP_SERVERS=kafka_process.bootstrap,
+    )
+    async with running_app(settings) as (app, client):
+        assert (await _health(client))["status"] == "degraded"
+        assert get_redis_from_app(app) is None and get_kafka_from_app(app) is None
+
+        redis_process.start()
+        kafka_process.start()
+
+        async def healthy() -> bool:
+            return (await _health(client))["status"] == "healthy"
+
+        await eventually(healthy, timeout=10)
+        await eventually(lambda: get_redis_from_app(app) is not None, timeout=5)
+        await eventually(lambda: get_kafka_from_app(app) is not None, timeout=5)
+        redis = get_redis_from_app(app)
+        kafka = get_kafka_from_app(app)
+        assert redis is app.state.redis and kafka is app.state.kafka
+        assert redis is not None and kafka is not None
+        await redis.set("lifecycle:late", "yes")
+        assert await redis.get("lifecycle:late") == "yes"
+        metadata = await kafka.send("lifecycle-late", {"arrived": True}, key="k", timeout=10)
+        assert metadata.offset >= 0
+
+
+# --- disabled dependencies -----------------------------------------------------------------------
+
+
+def _supervisor_tasks(app: FastAPI) -> list[asyncio.Task[None]]:
+    return [t for t in app.state.background_tasks if t.get_name().startswith("supervisor:")]
+
+
+@pytest.mark.parametrize(
+    ("redis_enabled", "kafka_enabled", "watched"),
+    [
+        (False, False, set()),
+        (False, True, {"supervisor:kafka"}),
+        (True, False, {"supervisor:redis"}),
+    ],
+)
+async def test_disabled_dependencies_get_no_watcher(
+    make_settings: SettingsFactory,
+    redis_enabled: bool,
+    kafka_enabled: bool,
+    watched: set[str],
+) -> None:
+    settings = make_settings(REDIS_ENABLED=redis_enabled, KAFKA_ENABLED=kafka_enabled)
+    async with running_app(settings) as (app, client):
+        tasks = _supervisor_tasks(app)
+        assert {t.get_name() for t in tasks} == watched
+        body = await _health(client)
+        assert body["status"] == "healthy"
+        statuses = _check_statuses(body)
+        assert statuses["redis"] == ("healthy" if redis_enabled else "disabled")
+        assert statuses["kafka"] == ("healthy" if kafka_enabled else "disabled")
+        assert (get_redis_from_app(app) is None) is not redis_enabled
+        assert (get_kafka_from_app(app) is None) is not kafka_enabled
+    # Shut-down cancels the watchers; none outlives the app.
+    assert all(t.done() for t in tasks)
+    assert app.state.redis is None and app.state.kafka is None
+
+
+# --- the database ---------------------------------------------------------------------------------
+
+
+def _startup_error(exc: BaseException) -> StartupError | None:
+    """The ``StartupError`` inside whatever the lifespan machinery wrapped it in."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    cause = exc.__cause__ or exc.__context__
+    return _startup_error(cause) if cause is not None else None
+
+
+async def _expect_startup_failure(settings: Settings, bound: float) -> StartupError:
+    started = time.perf_counter()
+    try:
+        async with running_app(settings):
+            pass
+    except BaseException as exc:  # noqa: BLE001 - inspected below
+        elapsed = time.perf_counter() - started
+        error = _startup_error(exc)
+        assert error is not None, repr(exc)
+        assert elapsed < bound, elapsed
+        return error
+    raise AssertionError("start-up succeeded but should have failed")
+
+
+async def test_unreachable_database_fails_start_up_quickly(
+    make_settings: SettingsFactory,
+) -> None:
+    password = f"pw-{uuid.uuid4().hex}"
+    url = f"postgresql+asyncpg://ums:{password}@127.0.0.1:{free_port()}/ums"
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=url), bound=5.0)
+    assert "database unreachable" in str(error)
+    assert password not in str(error)
+
+
+async def test_silent_database_fails_start_up_within_its_timeout(
+    make_settings: SettingsFactory,
+) -> None:
+    silent = SilentServer()
+    try:
+        url = f"postgresql+asyncpg://ums:pw@127.0.0.1:{silent.port}/ums"
+        settings = make_settings(DATABASE_URL=url, DATABASE_CONNECT_TIMEOUT=0.5)
+        error = await _expect_startup_failure(settings, bound=5.0)
+        assert "database unreachable" in str(error)
+    finally:
+        silent.close()
+
+
+async def test_unmigrated_sqlite_database_fails_start_up(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=url), bound=5.0)
+    assert "not migrated" in str(error)
+
+
+@pytest.fixture
+async def empty_postgres_url(database_url: str) -> AsyncIterator[str]:
+    """An empty (never migrated) database on the test PostgreSQL server."""
+    name = f"ums_empty_{uuid.uuid4().hex[:12]}"
+    dsn = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    yield urlparse(database_url)._replace(path=f"/{name}").geturl()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def test_unmigrated_postgres_database_fails_start_up(
+    make_settings: SettingsFactory, empty_postgres_url: str
+) -> None:
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=empty_postgres_url), 5.0)
+    assert "not migrated" in str(error)
+    assert "alembic upgrade head" in str(error)
+
+
+# --- the real process ------------------------------------------------------------------------------
+
+
+def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Only what the service needs: no TEST_* variables and none of the caller's settings."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
+        "DATA_DIR": str(tmp_path / "data"),
+        "REDIS_HOST": "127.0.0.1",
+        "REDIS_PORT": str(free_port()),
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+    }
+    env.update(extra)
+    return env
+
+
+def _migrate(env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def _wait_for_live(port: int, process: subprocess.Popen[bytes], timeout: float) -> float:
+    """Seconds from now until ``/health/live`` answers 200."""
+    started = time.perf_counter()
+    url = f"http://127.0.0.1:{port}{HEALTH}/live"
+    while time.perf_counter() - started < timeout:
+        assert process.poll() is None, f"the service exited with {process.returncode}"
+        try:
+            if httpx.get(url, timeout=0.5).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.TransportError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"/health/live did not answer within {timeout}s")
+
+
+def test_process_serves_quickly_without_redis_and_kafka_and_stops_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    env = _clean_env(tmp_path)
+    _migrate(env)
+    port = free_port()
+    log_path = tmp_path / "service.log"
+    # Run from a scratch directory so a developer's .env cannot change the defaults under test.
+    with log_path.open("wb") as log:
+        launched = time.perf_counter()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "src.main:app", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_for_live(port, process, timeout=10)
+            serving = time.perf_counter() - launched
+            print(f"launch to first 200 from /health/live: {serving:.2f}s")
+            assert serving < 4.0, f"{serving:.2f}s\n{log_path.read_text()}"
+            body = httpx.get(f"http://127.0.0.1:{port}{HEALTH}", timeout=5).json()
+            assert body["status"] == "degraded", body
+
+            process.send_signal(signal.SIGTERM)
+            returncode = process.wait(timeout=10)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    output = log_path.read_text()
+    # uvicorn shuts down gracefully, then re-raises the signal it caught (as servers should), so
+    # a clean stop is "terminated by SIGTERM"; anything else (a crash, a kill) fails here.
+    assert returncode in (0, -signal.SIGTERM), f"{returncode}\n{output}"
+    assert "Start-up complete" in output, output
+    assert "Shut-down complete" in output, output
+    assert "Traceback" not in output, output
+
+
+def test_invalid_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path) -> None:
+    env = _clean_env(tmp_path, REDIS_PORT="abc")
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "src.main:app", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    elapsed = time.perf_counter() - started
+    print(f"invalid setting: exit {result.returncode} after {elapsed:.2f}s")
+    assert result.returncode != 0
+    assert elapsed < 10, elapsed
+    lines = [line for line in result.stderr.splitlines() if "REDIS_PORT" in line]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
