@@ -84,3 +84,10 @@ async def signed_in(
     user = await register(client, **extra)
     tokens = await login(client, user["email"])
     return user, bearer(tokens)
+
+
+async def assert_no_leftover_tasks(before: set[asyncio.Task[Any]]) -> None:
+    """Fail if tasks started since ``before`` (a snapshot of ``asyncio.all_tasks()``) still run."""
+    await asyncio.sleep(0.2)  # let cancelled tasks finish unwinding
+    leftover = asyncio.all_tasks() - before - {asyncio.current_task()}
+    assert not leftover, sorted(repr(task.get_coro()) for task in leftover)

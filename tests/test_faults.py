@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka import KafkaUnavailableError
 from tests.conftest import SettingsFactory
-from tests.helpers import eventually, running_app
+from tests.helpers import assert_no_leftover_tasks, eventually, running_app
 from tests.servers import KafkaBroker, RedisServer
 
 HEALTH = "/api/v1/health"
@@ -36,12 +36,6 @@ async def _wait_for(client: httpx.AsyncClient, app: FastAPI, name: str, up: bool
         return flag is up and await _status_code(client, name) == expected
 
     await eventually(agreed, timeout=10)
-
-
-async def _assert_no_leftover_tasks(before: set[asyncio.Task[object]]) -> None:
-    await asyncio.sleep(0.2)  # let cancelled tasks finish unwinding
-    leftover = asyncio.all_tasks() - before - {asyncio.current_task()}
-    assert not leftover, sorted(repr(t.get_coro()) for t in leftover)
 
 
 async def test_redis_lost_and_restarted_while_running(
@@ -147,7 +141,7 @@ async def test_shut_down_with_the_broker_gone_and_a_message_unsent_is_bounded(
     # Bounded by the producer's stop bound (2 x KAFKA_CONNECT_TIMEOUT), not by Kafka's 40 s.
     assert elapsed < 2 * settings.KAFKA_CONNECT_TIMEOUT + 2.0, elapsed
     # Cutting stop() short must not leave its sender retrying for the life of the process.
-    await _assert_no_leftover_tasks(before)
+    await assert_no_leftover_tasks(before)
 
 
 async def test_no_task_outlives_the_app_despite_concurrent_health_checks(
@@ -179,4 +173,4 @@ async def test_no_task_outlives_the_app_despite_concurrent_health_checks(
         await _wait_for(client, app, "kafka", up=True)
         await _wait_for(client, app, "redis", up=True)
         await burst(client)
-    await _assert_no_leftover_tasks(before)
+    await assert_no_leftover_tasks(before)

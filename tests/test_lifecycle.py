@@ -25,7 +25,7 @@ from src.config.events import StartupError
 from src.config.settings import Settings
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from tests.conftest import SettingsFactory
-from tests.helpers import eventually, running_app
+from tests.helpers import assert_no_leftover_tasks, eventually, running_app
 from tests.servers import KafkaBroker, RedisServer, SilentServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,7 @@ async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
         KAFKA_BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
     )
     caplog.set_level(logging.INFO)
+    before = asyncio.all_tasks()
     started = _Started(settings)
     async with started as (app, client):
         assert started.startup_seconds < 2.0, started.startup_seconds
@@ -115,6 +116,7 @@ async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
         assert secret not in body.__repr__()
     assert secret not in caplog.text
     assert "Shut-down complete" in caplog.text
+    await assert_no_leftover_tasks(before)
 
 
 async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
@@ -131,15 +133,16 @@ async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
         defaults = Settings.model_fields
         for name in ("REDIS_CONNECT_TIMEOUT", "REDIS_SOCKET_TIMEOUT", "KAFKA_CONNECT_TIMEOUT"):
             assert getattr(settings, name) == defaults[name].default, name
+        before = asyncio.all_tasks()
         started = _Started(settings)
         async with started as (app, client):
             print(f"start-up against silent hosts: {started.startup_seconds:.2f}s")
             assert started.startup_seconds < 2.5, started.startup_seconds
             assert app.state.redis_available is False and app.state.kafka_available is False
-            before = time.perf_counter()
+            asked = time.perf_counter()
             body = await _health(client)
             # Each live check is cut off at HEALTH_CHECK_TIMEOUT (< 1 s); they run concurrently.
-            assert time.perf_counter() - before < 2.0
+            assert time.perf_counter() - asked < 2.0
             assert body["status"] == "degraded"
             statuses = _check_statuses(body)
             assert statuses == {"database": "healthy", "redis": "unhealthy", "kafka": "unhealthy"}
@@ -147,6 +150,7 @@ async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
             await asyncio.sleep(0.7)
         print(f"shut-down against silent hosts: {started.shutdown_seconds:.2f}s")
         assert started.shutdown_seconds < 5.0, started.shutdown_seconds
+        await assert_no_leftover_tasks(before)
     finally:
         redis_host.close()
         kafka_host.close()
@@ -243,6 +247,7 @@ def _startup_error(exc: BaseException) -> StartupError | None:
 
 
 async def _expect_startup_failure(settings: Settings, bound: float) -> StartupError:
+    before = asyncio.all_tasks()
     started = time.perf_counter()
     try:
         async with running_app(settings):
@@ -252,6 +257,8 @@ async def _expect_startup_failure(settings: Settings, bound: float) -> StartupEr
         error = _startup_error(exc)
         assert error is not None, repr(exc)
         assert elapsed < bound, elapsed
+        # A failed start-up closes whatever it had opened.
+        await assert_no_leftover_tasks(before)
         return error
     raise AssertionError("start-up succeeded but should have failed")
 

@@ -73,8 +73,10 @@ def _only_self_or_admin(principal: Principal, user_id: uuid.UUID) -> None:
 
 
 @router.get("/me", response_model=UserPublic, responses=_AUTH)
-async def read_me(principal: CurrentUser, db: SessionDep, response: Response) -> UserPublic:
-    return _reply(await user_service.get_user(db, principal.id), response)
+async def read_me(principal: CurrentUser, response: Response) -> UserPublic:
+    # Authentication already loaded the user (from the cache when it can); changes invalidate it.
+    response.headers["ETag"] = _etag(principal.user)
+    return principal.user
 
 
 @router.patch("/me", response_model=UserPublic, responses=_WRITE)

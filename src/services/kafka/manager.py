@@ -107,20 +107,25 @@ class KafkaManager:
             await asyncio.wait_for(producer.stop(), self.settings.KAFKA_CONNECT_TIMEOUT * 2)
         except Exception:
             logger.debug("Kafka producer did not stop cleanly", exc_info=True)
+            await self._abandon(producer)
 
     async def _abandon(self, producer: AIOKafkaProducer) -> None:
         """Close a producer whose ``stop()`` could not flush (the broker is gone).
 
         Cutting ``stop()`` short leaves its sender task retrying pending batches for the life of
         the process (aiokafka #1101), and every ``restart()`` would add another. So cancel the
-        sender (which fails whatever is still pending; the outbox sends it again) and close the
-        client. ``_sender`` is private: the aiokafka version is pinned for this reason.
+        sender, fail whatever is still pending (its senders get an error instead of waiting out
+        their timeout; the outbox sends it again) and close the client. ``_sender`` and
+        ``_message_accumulator`` are private: the aiokafka version is pinned for this reason.
         """
         timeout = self.settings.KAFKA_CONNECT_TIMEOUT
         sender = getattr(producer, "_sender", None)
         with contextlib.suppress(Exception):
             if sender is not None:
                 await asyncio.wait_for(sender.close(), timeout)
+        accumulator = getattr(producer, "_message_accumulator", None)
+        if accumulator is not None:
+            accumulator.fail_all(KafkaUnavailableError("Kafka producer closed with messages unsent"))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.client.close(), timeout)
 
