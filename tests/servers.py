@@ -176,7 +176,7 @@ def own_postgres(data_dir: Path) -> str:
     """Start PostgreSQL from the pgserver wheel; return a ``postgresql://`` admin URL."""
     import pgserver
 
-    server = pgserver.get_server(data_dir, cleanup_mode="stop")
+    server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
     uri: str = server.get_uri()
     return uri
 

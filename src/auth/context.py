@@ -53,8 +53,8 @@ def build_security(app: FastAPI) -> Security:
 
     def bypass_redis() -> None:
         # A failed invalidation may leave a stale entry: stop reading Redis until it is emptied.
+        # The supervisor empties the cache (a recovery hook) before it marks Redis available.
         app.state.redis_available = False
-        app.state.redis_needs_flush = True
 
     return Security(
         settings=settings,

@@ -16,13 +16,19 @@ from fastapi import FastAPI
 from src.auth.context import build_security
 from src.config.settings import Settings
 from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
+from src.events.audit import AuditConsumer
+from src.events.outbox import OUTBOX_SIGNAL
+from src.events.relay import OutboxRelay
 from src.services.connections import (
     close_kafka_connection,
     close_redis_connection,
+    get_kafka_from_app,
     initialize_kafka_connection,
     initialize_redis_connection,
 )
+from src.services.kafka.manager import KafkaManager
 from src.services.supervisor import start_supervisor
+from src.users.cache import flush_cache
 from src.users.service import ensure_first_admin
 
 logger = logging.getLogger(__name__)
@@ -35,13 +41,24 @@ class StartupError(RuntimeError):
 async def _connect_database(app: FastAPI, settings: Settings) -> None:
     engine = create_engine(settings)
     app.state.engine = engine
-    app.state.sessionmaker = create_sessionmaker(engine)
+    # Every session carries the relay's wake-up signal, so a commit with events wakes it at once.
+    app.state.sessionmaker = create_sessionmaker(
+        engine, info={OUTBOX_SIGNAL: app.state.outbox_signal}
+    )
+    timeout = settings.DATABASE_CONNECT_TIMEOUT + 1
     try:
-        await check_database(engine, settings.DATABASE_CONNECT_TIMEOUT + 1)
-        current, head = await migration_status(engine)
+        # One bound for both round trips: start-up fails in bounded time, it never hangs.
+        async with asyncio.timeout(timeout):
+            await check_database(engine, timeout)
+            current, head = await migration_status(engine)
     except Exception as exc:  # noqa: BLE001 - any failure here means "cannot start"
         await engine.dispose()
-        raise StartupError(f"database unreachable: {type(exc).__name__}: {exc}") from None
+        if isinstance(exc, TimeoutError):
+            reason = f"timed out (DATABASE_CONNECT_TIMEOUT={settings.DATABASE_CONNECT_TIMEOUT:g}s)"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        where = engine.url.render_as_string(hide_password=True)
+        raise StartupError(f"database unreachable at {where}: {reason}") from None
     if current != head:
         await engine.dispose()
         raise StartupError(
@@ -54,6 +71,9 @@ async def _connect_database(app: FastAPI, settings: Settings) -> None:
 async def on_startup(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     app.state.background_tasks = []
+    app.state.outbox_signal = asyncio.Event()
+    # Redis entries may be stale after an outage (invalidations were lost): empty the cache first.
+    app.state.redis_recovery_hooks = [flush_cache]
     # Keys and hashing pool first: a missing production secret should stop us before any I/O.
     app.state.security = build_security(app)
     await _connect_database(app, settings)
@@ -62,7 +82,26 @@ async def on_startup(app: FastAPI) -> None:
     async with app.state.sessionmaker() as db:
         await ensure_first_admin(db, app.state.security)
     app.state.background_tasks.extend(start_supervisor(app))
+    _start_event_pipeline(app, settings)
     logger.info("Start-up complete")
+
+
+def _start_event_pipeline(app: FastAPI, settings: Settings) -> None:
+    """The outbox relay and the audit consumer; both wait quietly while Kafka is unavailable."""
+    if not settings.KAFKA_ENABLED:
+        return
+
+    def kafka() -> KafkaManager | None:
+        return get_kafka_from_app(app)
+
+    relay = OutboxRelay(settings, app.state.sessionmaker, kafka, app.state.outbox_signal)
+    app.state.relay = relay
+    tasks = app.state.background_tasks
+    tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
+    if settings.AUDIT_CONSUMER_ENABLED:
+        consumer = AuditConsumer(settings, app.state.sessionmaker, kafka)
+        app.state.audit_consumer = consumer
+        tasks.append(asyncio.create_task(consumer.run(), name="audit-consumer"))
 
 
 async def on_shutdown(app: FastAPI) -> None:

@@ -130,3 +130,26 @@ Index(
     postgresql_where=OutboxEvent.published_at.is_(None),
     sqlite_where=OutboxEvent.published_at.is_(None),
 )
+
+
+class AuditEvent(Base):
+    """An event as the audit consumer read it back from Kafka: stored once per event id."""
+
+    __tablename__ = "audit_events"
+
+    # Arrival order, used as the pagination cursor.
+    position: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    type: Mapped[str] = mapped_column(String(64))
+    # The user the event is about (CloudEvents "subject"); kept after the user is deleted.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    source: Mapped[str] = mapped_column(String(255))
+    time: Mapped[datetime] = mapped_column(UTCDateTime)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONDoc)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    topic: Mapped[str] = mapped_column(String(255))
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+
+
+Index("ix_audit_events_user_position", AuditEvent.user_id, AuditEvent.position)

@@ -76,8 +76,11 @@ def _sqlite_pragmas(dbapi_connection: object, _record: object) -> None:
     cursor.close()
 
 
-def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+def create_sessionmaker(
+    engine: AsyncEngine, info: dict[str, object] | None = None
+) -> async_sessionmaker[AsyncSession]:
+    """``info`` is copied into every session (the outbox relay's wake-up signal travels there)."""
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info)
 
 
 def alembic_config(database_url: str | None = None) -> Config:

@@ -6,12 +6,16 @@ with the change it describes. Nothing here talks to Kafka: a background relay pu
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic_core import to_jsonable_python
+from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from src.config.settings import Settings
 from src.db.models import OutboxEvent
@@ -40,6 +44,25 @@ NOTIFICATION_EVENTS = frozenset(
 _FORBIDDEN_KEYS = frozenset({"password", "password_hash", "hashed_password", "refresh_token"})
 
 
+# Sessions carry the relay's wake-up signal in ``info`` (set on the sessionmaker at start-up).
+OUTBOX_SIGNAL = "outbox_signal"
+_DIRTY = "outbox_dirty"
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_relay_after_commit(session: Session) -> None:
+    """A commit that wrote events wakes the relay at once instead of at its next poll."""
+    if session.info.pop(_DIRTY, False):
+        signal = session.info.get(OUTBOX_SIGNAL)
+        if isinstance(signal, asyncio.Event):
+            signal.set()
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_after_rollback(session: Session) -> None:
+    session.info.pop(_DIRTY, None)
+
+
 def topic_for(event_type: EventType, settings: Settings) -> str:
     if event_type in NOTIFICATION_EVENTS:
         return settings.KAFKA_NOTIFICATIONS_TOPIC
@@ -59,7 +82,7 @@ def record_event(
         raise ValueError(f"event data must not carry secrets: {sorted(leaked)}")
     if "token" in data and event_type not in NOTIFICATION_EVENTS:
         raise ValueError("only notification events may carry a token")
-    event = OutboxEvent(
+    outbox_row = OutboxEvent(
         id=uuid.uuid4(),
         topic=topic_for(event_type, settings),
         type=str(event_type),
@@ -67,5 +90,19 @@ def record_event(
         # JSON-safe now (UUIDs, datetimes as text), so the row is exactly what will be published.
         payload=to_jsonable_python(data),
     )
-    db.add(event)
-    return event
+    db.add(outbox_row)
+    db.info[_DIRTY] = True
+    return outbox_row
+
+
+async def outbox_backlog(db: AsyncSession) -> tuple[int, datetime | None]:
+    """(number of unpublished events, creation time of the oldest one)."""
+    query = select(func.count(), func.min(OutboxEvent.created_at)).where(
+        OutboxEvent.published_at.is_(None)
+    )
+    count, oldest = (await db.execute(query)).one()
+    if isinstance(oldest, str):  # SQLite aggregates lose the column type
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return int(count), oldest

@@ -18,6 +18,8 @@ from pydantic import BaseModel
 from src import __version__
 from src.config.settings import Settings
 from src.db.session import check_database, migration_status
+from src.db.types import utcnow
+from src.events.outbox import outbox_backlog
 from src.services.redis_client import ping
 
 
@@ -85,12 +87,44 @@ async def check_redis_health(app: FastAPI) -> CheckResult:
 
 
 async def check_kafka_health(app: FastAPI) -> CheckResult:
+    """The broker's answer, plus the outbox backlog: events can pile up while the broker is fine
+    (a relay that keeps failing), and that is unhealthy too once it is older than the threshold."""
     settings: Settings = app.state.settings
     manager = getattr(app.state, "kafka", None)
-    if not settings.KAFKA_ENABLED or manager is None:
-        return CheckResult(status=CheckStatus.DISABLED)
     timeout = settings.HEALTH_CHECK_TIMEOUT
-    return await _run(lambda: manager.check_cluster(timeout), timeout)
+    if not settings.KAFKA_ENABLED or manager is None:
+        result = CheckResult(status=CheckStatus.DISABLED)
+    else:
+        result = await _run(lambda: manager.check_cluster(timeout), timeout)
+    details = await _outbox_details(app, timeout)
+    if details is None:
+        return result
+    result.details = details
+    age = details["outbox"]["oldest_age_seconds"]
+    if result.status is CheckStatus.HEALTHY and age > settings.OUTBOX_LAG_THRESHOLD_SECONDS:
+        result.status = CheckStatus.UNHEALTHY
+        result.error = (
+            f"outbox backlog: oldest event waiting {age:.0f}s "
+            f"(threshold {settings.OUTBOX_LAG_THRESHOLD_SECONDS}s)"
+        )
+    return result
+
+
+async def _outbox_details(app: FastAPI, timeout: float) -> dict[str, Any] | None:
+    try:
+        async with asyncio.timeout(timeout), app.state.sessionmaker() as db:
+            pending, oldest = await outbox_backlog(db)
+    except Exception:  # noqa: BLE001 - the database check reports database trouble
+        return None
+    age = (utcnow() - oldest).total_seconds() if oldest else 0.0
+    details: dict[str, Any] = {"outbox": {"pending": pending, "oldest_age_seconds": round(age, 1)}}
+    relay = getattr(app.state, "relay", None)
+    if relay is not None:
+        details["relay"] = {
+            "published_total": relay.published_total,
+            "last_error": relay.last_error,
+        }
+    return details
 
 
 async def health_report(app: FastAPI) -> HealthReport:

@@ -28,12 +28,12 @@ async def _watch(app: FastAPI, name: str, flag: str, probe: Probe, settings: Set
     while True:
         try:
             await probe()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - any failure means "down"; keep watching
+        except Exception as exc:  # noqa: BLE001 - any failure means "down"; keep watching
             if getattr(app.state, flag, False):
                 setattr(app.state, flag, False)
-                logger.warning("%s connection lost (%s); retrying in the background", name, exc)
+                # A timeout's text is empty: name the exception rather than log "()".
+                reason = str(exc) or type(exc).__name__
+                logger.warning("%s connection lost (%s); retrying in the background", name, reason)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
             continue
@@ -53,6 +53,10 @@ def start_supervisor(app: FastAPI) -> list[asyncio.Task[None]]:
 
         async def probe_redis() -> None:
             await ping(client, settings.HEALTH_CHECK_TIMEOUT)
+            if not app.state.redis_available:
+                # Coming back: let owners of Redis data repair it before anyone reads it again.
+                for hook in getattr(app.state, "redis_recovery_hooks", []):
+                    await hook(client)
 
         tasks.append(
             asyncio.create_task(

@@ -2,7 +2,9 @@
 
 Redis only accelerates. A miss, an error or Redis being down all mean "ask the database". An
 invalidation that fails is dangerous (a stale "active" entry could outlive a deactivation), so a
-failed write marks Redis unavailable; the supervisor empties this cache before using Redis again.
+failed one marks Redis unavailable and leaves this cache "dirty": however Redis comes back (the
+supervisor's next PING, or a blip that only ever touched the DEL), no entry is read or written
+again until every entry has been deleted.
 """
 
 from __future__ import annotations
@@ -50,11 +52,25 @@ class UserCache:
         self._ttl = ttl_seconds
         self._timeout = timeout
         self._on_write_failure = on_write_failure
+        self._dirty = False
+
+    async def _client(self) -> Redis | None:
+        """The Redis to use now, or None: unavailable, or still holding entries we cannot trust."""
+        client = self._redis()
+        if client is None or not self._dirty:
+            return client
+        try:
+            removed = await flush_cache(client, self._timeout)
+        except (RedisError, TimeoutError, OSError):
+            return None
+        self._dirty = False
+        logger.info("cache emptied after a failed invalidation (%d entries)", removed)
+        return client
 
     async def get_auth(
         self, user_id: uuid.UUID, session_id: uuid.UUID
     ) -> tuple[UserPublic | None, SessionState | None]:
-        client = self._redis()
+        client = await self._client()
         if client is None:
             return None, None
         try:
@@ -75,7 +91,7 @@ class UserCache:
         state: SessionState | None = None,
     ) -> None:
         """Best effort: a failed fill only costs the next request a database read."""
-        client = self._redis()
+        client = await self._client()
         if client is None:
             return
         try:
@@ -93,8 +109,16 @@ class UserCache:
         self, user_ids: Iterable[uuid.UUID] = (), session_ids: Iterable[uuid.UUID] = ()
     ) -> None:
         keys = [_user_key(u) for u in user_ids] + [_session_key(s) for s in session_ids]
+        if not keys:
+            return
+        if self._dirty:
+            # Still dirty: these keys go with the rest at the next flush (nothing reads them).
+            await self._client()
+            return
         client = self._redis()
-        if not keys or client is None:
+        if client is None:
+            # Redis is away; whatever it holds now may outlive this change.
+            self._mark_dirty()
             return
         try:
             async with asyncio.timeout(self._timeout):
@@ -104,13 +128,23 @@ class UserCache:
                 "cache invalidation failed (%s); bypassing Redis until it is emptied",
                 type(exc).__name__,
             )
-            self._on_write_failure()
+            self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+        self._on_write_failure()
 
 
 async def flush_cache(client: Redis, timeout: float = 5.0) -> int:
     """Delete every cache entry (run before trusting Redis again after an outage)."""
     deleted = 0
+    batch: list[str] = []
     async with asyncio.timeout(timeout):
         async for key in client.scan_iter(match=f"{PREFIX}*", count=500):
-            deleted += await client.unlink(key)
+            batch.append(key)
+            if len(batch) >= 500:  # one round trip per batch, not per key
+                deleted += await client.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += await client.unlink(*batch)
     return deleted

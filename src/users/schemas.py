@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    StringConstraints,
+    field_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
 
 Role = Literal["user", "admin"]
 
@@ -55,15 +64,28 @@ class UserCreate(UserRegister):
     email_verified: bool = False
 
 
+def _not_null(value: Any) -> Any:
+    # ``None`` here only means "not sent"; an explicit null would reach a NOT NULL column.
+    if value is None:
+        raise ValueError("may be left out, but not set to null")
+    return value
+
+
 class UserUpdateMe(WriteModel):
-    email: Email | None = None
+    """A partial update: only the fields sent change; ``full_name`` may be cleared with null."""
+
+    email: Email | SkipJsonSchema[None] = None
     full_name: FullName | None = None
+
+    _email_not_null = field_validator("email")(_not_null)
 
 
 class UserUpdate(UserUpdateMe):
-    role: Role | None = None
-    is_active: bool | None = None
-    email_verified: bool | None = None
+    role: Role | SkipJsonSchema[None] = None
+    is_active: bool | SkipJsonSchema[None] = None
+    email_verified: bool | SkipJsonSchema[None] = None
+
+    _flags_not_null = field_validator("role", "is_active", "email_verified")(_not_null)
 
 
 class PasswordChange(WriteModel):
@@ -112,3 +134,20 @@ class TokenResponse(BaseModel):
 
 class Accepted(BaseModel):
     detail: str
+
+
+class UserEvent(BaseModel):
+    """One entry of a user's audit trail: an event as it was published."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID = Field(validation_alias="event_id")
+    type: str
+    time: datetime
+    source: str
+    data: dict[str, Any]
+
+
+class UserEventsPage(BaseModel):
+    items: list[UserEvent]
+    next_cursor: str | None

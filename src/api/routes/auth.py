@@ -54,7 +54,8 @@ async def register(
 @router.post(
     "/login",
     response_model=TokenResponse,
-    responses={400: _OAUTH_ERROR, 429: PROBLEM},
+    # FastAPI lists a 422 for every operation with a body; document its real (problem) shape.
+    responses={400: _OAUTH_ERROR, 422: PROBLEM, 429: PROBLEM},
     summary="OAuth2 token endpoint (password and refresh_token grants)",
 )
 async def token(
@@ -107,7 +108,10 @@ async def logout_all(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -
 
 
 @router.post(
-    "/password-reset/request", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted
+    "/password-reset/request",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses={422: PROBLEM},
 )
 async def password_reset_request(body: EmailRequest, db: SessionDep, sec: SecurityDep) -> Accepted:
     """Always 202 with the same body: the answer never tells whether the account exists."""
@@ -127,13 +131,20 @@ async def password_reset_confirm(
     await auth_service.confirm_password_reset(db, sec, body.token, body.new_password)
 
 
-@router.post("/verify-email/request", status_code=status.HTTP_202_ACCEPTED, response_model=Accepted)
+@router.post(
+    "/verify-email/request",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses={422: PROBLEM},
+)
 async def verify_email_request(body: EmailRequest, db: SessionDep, sec: SecurityDep) -> Accepted:
     await auth_service.request_email_verification(db, sec, body.email)
     return _ACCEPTED
 
 
-@router.post("/verify-email/confirm", response_model=UserPublic, responses={400: PROBLEM})
+@router.post(
+    "/verify-email/confirm", response_model=UserPublic, responses={400: PROBLEM, 422: PROBLEM}
+)
 async def verify_email_confirm(body: TokenConfirm, db: SessionDep, sec: SecurityDep) -> UserPublic:
     user = await auth_service.confirm_email_verification(db, sec, body.token)
     return UserPublic.model_validate(user)

@@ -16,13 +16,16 @@ from src.api.errors import PROBLEM, Responses
 from src.auth import service as auth_service
 from src.auth.context import Principal
 from src.db.models import User
-from src.errors import PermissionDenied, PreconditionFailed
+from src.errors import InvalidInput, PermissionDenied, PreconditionFailed
+from src.events.audit import list_user_events as list_user_events_page
 from src.users import service as user_service
 from src.users.schemas import (
     PasswordChange,
     Role,
     SessionPublic,
     UserCreate,
+    UserEvent,
+    UserEventsPage,
     UserPublic,
     UsersPage,
     UserUpdate,
@@ -192,3 +195,24 @@ async def delete_user(
 ) -> None:
     _only_self_or_admin(principal, user_id)
     await user_service.delete_user(db, sec, user_id, principal)
+
+
+@router.get("/{user_id}/events", response_model=UserEventsPage, responses=_WRITE)
+async def list_user_events(
+    user_id: uuid.UUID,
+    principal: CurrentUser,
+    db: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=32)] = None,
+) -> UserEventsPage:
+    """The user's audit trail (events read back from Kafka), oldest first."""
+    _only_self_or_admin(principal, user_id)
+    if cursor is not None and not cursor.isdigit():
+        raise InvalidInput("The cursor is not valid; start again without one.")
+    events, last = await list_user_events_page(
+        db, user_id, limit=limit, after=int(cursor) if cursor else None
+    )
+    return UserEventsPage(
+        items=[UserEvent.model_validate(e) for e in events],
+        next_cursor=str(last) if last is not None else None,
+    )

@@ -123,6 +123,18 @@ class Settings(BaseSettings):
     CACHE_TTL_SECONDS: int = Field(default=300, ge=1, le=86400)
     MAX_REQUEST_BODY_BYTES: int = Field(default=65536, ge=1024)
 
+    # --- events (transactional outbox -> Kafka -> audit log) -------------------------------------
+    # CloudEvents "source" of every event this service publishes.
+    EVENT_SOURCE: str = "/user-management-service"
+    OUTBOX_BATCH_SIZE: int = Field(default=200, ge=1, le=10000)
+    # The relay wakes at once after a commit in this process; this is the fallback poll (seconds).
+    OUTBOX_POLL_INTERVAL: float = Field(default=1.0, gt=0, le=300)
+    # Published rows are deleted after this many hours.
+    OUTBOX_RETENTION_HOURS: int = Field(default=168, ge=1)
+    # When the oldest unpublished event is older than this, /health/kafka reports unhealthy.
+    OUTBOX_LAG_THRESHOLD_SECONDS: int = Field(default=300, ge=1)
+    AUDIT_CONSUMER_ENABLED: bool = True
+
     # --- health and reconnection ---------------------------------------------------------------
     # Each live check (PING, metadata request, SELECT 1) is cut off after this many seconds.
     HEALTH_CHECK_TIMEOUT: float = Field(default=0.8, gt=0, lt=1)

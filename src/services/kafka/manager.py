@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -25,8 +26,20 @@ from src.services.kafka.serializers import KafkaSerializer
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class OutgoingMessage:
+    topic: str
+    key: str | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
 class KafkaUnavailableError(RuntimeError):
     """The producer is not connected, or the broker did not answer in time."""
+
+
+class KafkaSendTimeout(KafkaUnavailableError):
+    """Messages were handed to the producer but not acknowledged in time."""
 
 
 class KafkaManager:
@@ -125,7 +138,7 @@ class KafkaManager:
                 await asyncio.wait_for(sender.close(), timeout)
         accumulator = getattr(producer, "_message_accumulator", None)
         if accumulator is not None:
-            accumulator.fail_all(KafkaUnavailableError("Kafka producer closed with messages unsent"))
+            accumulator.fail_all(KafkaUnavailableError("producer closed with messages unsent"))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.client.close(), timeout)
 
@@ -156,6 +169,30 @@ class KafkaManager:
         except TimeoutError as exc:
             raise KafkaUnavailableError(f"no acknowledgement from Kafka for {topic}") from exc
 
+    async def send_batch(self, messages: Sequence[OutgoingMessage], timeout: float) -> None:
+        """Send messages in order and wait until the broker acknowledged all of them.
+
+        Bounded as a whole: with the idempotent producer and a lost broker, aiokafka's batches
+        never expire (issue #1101), so only an outer timeout ends the wait.
+        """
+        producer = self.producer
+        if producer is None:
+            raise KafkaUnavailableError("Kafka producer is not connected")
+        try:
+            async with asyncio.timeout(timeout):
+                acks = [
+                    await producer.send(
+                        m.topic,
+                        m.value,
+                        key=self.serializer.serialize_key(m.key),
+                        headers=list(m.headers),
+                    )
+                    for m in messages
+                ]
+                await asyncio.gather(*acks)
+        except TimeoutError as exc:
+            raise KafkaSendTimeout(f"no acknowledgement from Kafka within {timeout:g}s") from exc
+
     # --- consuming ----------------------------------------------------------------------------
     def create_consumer(self, *topics: str, group_id: str | None = None, **overrides: Any) -> Any:
         """A consumer configured from the specification's consumer settings (not yet started)."""
@@ -183,11 +220,14 @@ class KafkaManager:
             # Start from a fresh bootstrap next time rather than trusting a half-broken client;
             # unless a concurrent check has already replaced it (then that one is not ours).
             if admin is not None and self._admin is admin:
-                self._admin = None
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(admin.close(), timeout)
+                await self._discard_admin(admin, timeout)
             raise
         return (time.perf_counter() - started) * 1000
+
+    async def _discard_admin(self, admin: AIOKafkaAdminClient, timeout: float) -> None:
+        self._admin = None
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), timeout)
 
     async def _admin_client(self) -> AIOKafkaAdminClient:
         async with self._admin_lock:

@@ -1,0 +1,249 @@
+"""The outbox relay: publishes committed outbox rows to Kafka, in order per user, at least once.
+
+Rows are claimed with ``FOR UPDATE SKIP LOCKED`` (PostgreSQL), so several relays never publish the
+same row at the same time, and a relay only publishes a user's rows when it holds that user's
+earliest unpublished ones: a second relay can never overtake it and break per-user order. A batch
+is marked published only after the broker acknowledged every message in it; if anything fails the
+whole batch stays pending and is sent again later (consumers dedupe by event id).
+
+Run inside the service (a background task) or on its own: ``python -m src.events.relay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from src.config.settings import Settings
+from src.db.models import OutboxEvent
+from src.db.types import utcnow
+from src.events.envelope import envelope_for
+from src.services.kafka.manager import KafkaManager, KafkaSendTimeout, OutgoingMessage
+from src.services.kafka.serializers import KafkaSerializer
+
+logger = logging.getLogger(__name__)
+
+_PRUNE_EVERY_SECONDS = 600
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        kafka: Callable[[], KafkaManager | None],
+        signal: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.kafka = kafka
+        self.signal = signal or asyncio.Event()
+        self.serializer = KafkaSerializer()
+        self.published_total = 0
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.last_published_at: float | None = None
+        self._last_prune = 0.0
+
+    # --- the loop -----------------------------------------------------------------------------
+    async def run(self) -> None:
+        delay = self.settings.RECONNECT_BACKOFF_INITIAL
+        while True:
+            try:
+                published = await self.publish_once()
+                await self._prune_if_due()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the relay must outlive any one failure
+                self._failed(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.RECONNECT_BACKOFF_MAX)
+                continue
+            delay = self.settings.RECONNECT_BACKOFF_INITIAL
+            if published >= self.settings.OUTBOX_BATCH_SIZE:
+                continue  # more may be waiting: drain before sleeping
+            await self._wait_for_work()
+
+    async def _wait_for_work(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.signal.wait(), self.settings.OUTBOX_POLL_INTERVAL)
+        self.signal.clear()
+
+    def _failed(self, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if message != self.last_error:
+            logger.warning("outbox relay: publishing failed (%s); will retry", message)
+        self.last_error, self.last_error_at = message, time.time()
+
+    # --- one batch ----------------------------------------------------------------------------
+    async def publish_once(self) -> int:
+        """Publish one batch; return how many rows were published (0 when idle or Kafka is down)."""
+        manager = self.kafka()
+        if manager is None:
+            return 0
+        async with self.sessionmaker() as db:
+            rows = await self._claim(db)
+            if not rows:
+                await db.rollback()
+                return 0
+            messages = [self._message(row) for row in rows]
+            positions = [row.position for row in rows]
+            try:
+                await manager.send_batch(messages, self.settings.KAFKA_REQUEST_TIMEOUT_MS / 1000)
+            except Exception as exc:
+                await db.rollback()
+                await self._record_attempt(positions, exc)
+                if isinstance(exc, KafkaSendTimeout):
+                    # A producer stuck on a lost broker never recovers by itself; start afresh.
+                    await self._restart_producer(manager)
+                raise
+            await db.execute(
+                update(OutboxEvent)
+                .where(OutboxEvent.position.in_(positions))
+                .values(published_at=utcnow(), attempts=OutboxEvent.attempts + 1, last_error=None),
+                execution_options={"synchronize_session": False},
+            )
+            await db.commit()
+        self.published_total += len(rows)
+        self.last_published_at = time.time()
+        if self.last_error is not None:
+            logger.info("outbox relay: publishing again")
+            self.last_error = None
+        return len(rows)
+
+    async def _claim(self, db: AsyncSession) -> list[OutboxEvent]:
+        query = (
+            select(OutboxEvent)
+            .where(OutboxEvent.published_at.is_(None))
+            .order_by(OutboxEvent.position)
+            .limit(self.settings.OUTBOX_BATCH_SIZE)
+        )
+        if db.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        rows = list((await db.execute(query)).scalars().all())
+        if not rows:
+            return rows
+        return await self._in_order_prefixes(db, rows)
+
+    async def _in_order_prefixes(
+        self, db: AsyncSession, rows: Sequence[OutboxEvent]
+    ) -> list[OutboxEvent]:
+        """Keep, per user, only the rows that continue that user's unpublished sequence from its
+        start: a row whose predecessor another relay holds must wait for it."""
+        mine: dict[uuid.UUID, list[OutboxEvent]] = defaultdict(list)
+        for row in rows:
+            mine[row.aggregate_id].append(row)
+        pending = await db.execute(
+            select(OutboxEvent.aggregate_id, OutboxEvent.position)
+            .where(
+                OutboxEvent.published_at.is_(None),
+                OutboxEvent.aggregate_id.in_(list(mine)),
+                OutboxEvent.position <= rows[-1].position,
+            )
+            .order_by(OutboxEvent.position)
+        )
+        sequence: dict[uuid.UUID, list[int]] = defaultdict(list)
+        for aggregate_id, position in pending:
+            sequence[aggregate_id].append(position)
+        keep: list[OutboxEvent] = []
+        for aggregate_id, held in mine.items():
+            for row, expected in zip(held, sequence[aggregate_id], strict=False):
+                if row.position != expected:
+                    break
+                keep.append(row)
+        keep.sort(key=lambda row: row.position)
+        return keep
+
+    def _message(self, row: OutboxEvent) -> OutgoingMessage:
+        envelope = envelope_for(row, self.settings.EVENT_SOURCE)
+        return OutgoingMessage(
+            topic=row.topic,
+            key=str(row.aggregate_id),
+            value=self.serializer.serialize(envelope),
+            # Lets consumers route or filter without parsing the body (CloudEvents Kafka binding).
+            headers=(("ce_type", row.type.encode()), ("ce_id", str(row.id).encode())),
+        )
+
+    async def _record_attempt(self, positions: list[int], exc: BaseException) -> None:
+        try:
+            async with self.sessionmaker() as db:
+                await db.execute(
+                    update(OutboxEvent)
+                    .where(OutboxEvent.position.in_(positions))
+                    .values(attempts=OutboxEvent.attempts + 1, last_error=str(exc)[:1000]),
+                    execution_options={"synchronize_session": False},
+                )
+                await db.commit()
+        except Exception:
+            logger.debug("could not record the failed attempt", exc_info=True)
+
+    async def _restart_producer(self, manager: KafkaManager) -> None:
+        try:
+            await asyncio.wait_for(manager.restart(), self.settings.KAFKA_CONNECT_TIMEOUT * 3)
+        except Exception:
+            logger.debug("producer restart failed", exc_info=True)
+
+    async def _prune_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_prune < _PRUNE_EVERY_SECONDS:
+            return
+        self._last_prune = now
+        cutoff = utcnow() - timedelta(hours=self.settings.OUTBOX_RETENTION_HOURS)
+        async with self.sessionmaker() as db:
+            result = await db.execute(
+                delete(OutboxEvent).where(OutboxEvent.published_at < cutoff),
+                execution_options={"synchronize_session": False},
+            )
+            await db.commit()
+        deleted = getattr(result, "rowcount", 0) or 0
+        if deleted:
+            logger.info("outbox relay: pruned %d published events", deleted)
+
+
+async def _main() -> None:
+    """Run the relay as its own process (e.g. a separate deployment scaling apart from the API)."""
+    from src.config.logging import configure_logging
+    from src.config.settings import load_settings
+    from src.db.session import create_engine, create_sessionmaker
+
+    settings = load_settings()
+    configure_logging(settings.LOG_LEVEL)
+    engine = create_engine(settings)
+    manager = KafkaManager(settings)
+    relay = OutboxRelay(
+        settings, create_sessionmaker(engine), lambda: manager if manager.started else None
+    )
+
+    async def keep_producer_up() -> None:
+        delay = settings.RECONNECT_BACKOFF_INITIAL
+        while True:
+            if not manager.started:
+                try:
+                    await manager.start()
+                    logger.info("Kafka connected at %s", settings.KAFKA_BOOTSTRAP_SERVERS)
+                    delay = settings.RECONNECT_BACKOFF_INITIAL
+                except Exception as exc:  # noqa: BLE001
+                    logger.warning("Kafka unavailable (%s); retrying in %.1fs", exc, delay)
+                    delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
+            await asyncio.sleep(delay)
+
+    keeper = asyncio.create_task(keep_producer_up())
+    try:
+        await relay.run()
+    finally:
+        keeper.cancel()
+        await manager.stop()
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())
