@@ -347,7 +347,7 @@ async def test_no_stale_entry_after_a_failed_invalidation(
             assert (await client.get(ME, headers=auth)).status_code == 200
             assert await direct.exists(user_key, f"ums:cache:session:{session_id(tokens)}") == 2
 
-            await direct.execute_command("ACL", "SETUSER", "default", "-del", "-unlink")
+            await direct.acl_setuser("default", enabled=True, commands=["-del", "-unlink"])
             try:
                 off = await client.patch(
                     f"{API}/users/{user['id']}", json={"is_active": False}, headers=admin
@@ -356,7 +356,7 @@ async def test_no_stale_entry_after_a_failed_invalidation(
                 assert await direct.exists(user_key)  # the stale entry is still there
                 assert_unauthenticated(await client.get(ME, headers=auth))
             finally:
-                await direct.execute_command("ACL", "SETUSER", "default", "+@all")
+                await direct.acl_setuser("default", enabled=True, commands=["+@all"])
             # The supervisor's next PING makes Redis "available" again.
             await eventually(lambda: app.state.redis_available, timeout=5)
             print(
@@ -463,6 +463,7 @@ SPECIFIC_ERRORS = {
 async def test_openapi_documents_error_responses(app_client: httpx.AsyncClient) -> None:
     spec = (await app_client.get(f"{API}/openapi.json")).json()
     seen: set[tuple[str, str]] = set()
+    authenticated = 0
     for path, item in spec["paths"].items():
         if not path.startswith((f"{API}/users", f"{API}/auth")):
             continue
@@ -474,6 +475,7 @@ async def test_openapi_documents_error_responses(app_client: httpx.AsyncClient) 
             expected = set(SPECIFIC_ERRORS.get(key, set()))
             if operation.get("security"):
                 expected.add(401)
+                authenticated += 1
             if key in ADMIN_OPERATIONS:
                 expected.add(403)
             if (operation.get("parameters") or operation.get("requestBody")) and key != (
@@ -483,9 +485,11 @@ async def test_openapi_documents_error_responses(app_client: httpx.AsyncClient) 
                 expected.add(422)
             assert expected <= codes, f"{method.upper()} {path}: missing {expected - codes}"
             for code in codes:
-                if code < 400 or key == ("post", "/api/v1/auth/login") and code == 400:
+                if code < 400 or (key == ("post", "/api/v1/auth/login") and code == 400):
                     continue
                 content = responses[str(code)].get("content", {})
                 assert set(content) == {"application/problem+json"}, (method, path, code)
     assert seen >= set(SPECIFIC_ERRORS) | ADMIN_OPERATIONS
+    # Every /users operation and the two logouts need a token (and so must document 401).
+    assert authenticated == sum(path.startswith(f"{API}/users") for _, path in seen) + 2
     assert ("post", "/api/v1/auth/logout") in seen and ("get", "/api/v1/users/me") in seen

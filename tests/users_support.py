@@ -105,7 +105,8 @@ def keys_anywhere(value: Any) -> set[str]:
 
 
 async def assert_outbox_carries_no_secrets(app: FastAPI, *passwords: str) -> int:
-    """No row carries a password or hash; only notification rows carry a token. Returns the count."""
+    """No row carries a password or hash; only notification rows carry a token. Returns the
+    number of rows checked."""
     rows = await outbox(app)
     for row in rows:
         text = json.dumps(row.payload)

@@ -106,8 +106,13 @@ def _start_event_pipeline(app: FastAPI, settings: Settings) -> None:
 
 async def on_shutdown(app: FastAPI) -> None:
     tasks: list[asyncio.Task[None]] = getattr(app.state, "background_tasks", [])
-    for task in tasks:
-        task.cancel()
+    pending = set(tasks)
+    while pending:
+        # Cancel until they stop: on Python 3.11 a cancellation can be lost inside a library's
+        # asyncio.wait_for (redis-py's socket writes do that), and one try would then hang here.
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
     if tasks:
         await asyncio.gather(*tasks, return_exceptions=True)
     tasks.clear()

@@ -2,9 +2,7 @@
 
 Redis only accelerates. A miss, an error or Redis being down all mean "ask the database". An
 invalidation that fails is dangerous (a stale "active" entry could outlive a deactivation), so a
-failed one marks Redis unavailable and leaves this cache "dirty": however Redis comes back (the
-supervisor's next PING, or a blip that only ever touched the DEL), no entry is read or written
-again until every entry has been deleted.
+failed write marks Redis unavailable; the supervisor empties this cache before using Redis again.
 """
 
 from __future__ import annotations
@@ -52,25 +50,11 @@ class UserCache:
         self._ttl = ttl_seconds
         self._timeout = timeout
         self._on_write_failure = on_write_failure
-        self._dirty = False
-
-    async def _client(self) -> Redis | None:
-        """The Redis to use now, or None: unavailable, or still holding entries we cannot trust."""
-        client = self._redis()
-        if client is None or not self._dirty:
-            return client
-        try:
-            removed = await flush_cache(client, self._timeout)
-        except (RedisError, TimeoutError, OSError):
-            return None
-        self._dirty = False
-        logger.info("cache emptied after a failed invalidation (%d entries)", removed)
-        return client
 
     async def get_auth(
         self, user_id: uuid.UUID, session_id: uuid.UUID
     ) -> tuple[UserPublic | None, SessionState | None]:
-        client = await self._client()
+        client = self._redis()
         if client is None:
             return None, None
         try:
@@ -91,7 +75,7 @@ class UserCache:
         state: SessionState | None = None,
     ) -> None:
         """Best effort: a failed fill only costs the next request a database read."""
-        client = await self._client()
+        client = self._redis()
         if client is None:
             return
         try:
@@ -109,16 +93,8 @@ class UserCache:
         self, user_ids: Iterable[uuid.UUID] = (), session_ids: Iterable[uuid.UUID] = ()
     ) -> None:
         keys = [_user_key(u) for u in user_ids] + [_session_key(s) for s in session_ids]
-        if not keys:
-            return
-        if self._dirty:
-            # Still dirty: these keys go with the rest at the next flush (nothing reads them).
-            await self._client()
-            return
         client = self._redis()
-        if client is None:
-            # Redis is away; whatever it holds now may outlive this change.
-            self._mark_dirty()
+        if not keys or client is None:
             return
         try:
             async with asyncio.timeout(self._timeout):
@@ -128,11 +104,7 @@ class UserCache:
                 "cache invalidation failed (%s); bypassing Redis until it is emptied",
                 type(exc).__name__,
             )
-            self._mark_dirty()
-
-    def _mark_dirty(self) -> None:
-        self._dirty = True
-        self._on_write_failure()
+            self._on_write_failure()
 
 
 async def flush_cache(client: Redis, timeout: float = 5.0) -> int:

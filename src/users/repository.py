@@ -23,9 +23,19 @@ async def get_user_by_email(db: AsyncSession, email: str) -> User | None:
     return result.scalar_one_or_none()
 
 
-async def count_active_admins(db: AsyncSession) -> int:
-    query = select(func.count()).select_from(User).where(User.role == "admin", User.is_active)
-    return int((await db.execute(query)).scalar_one())
+async def lock_active_admins(db: AsyncSession) -> int:
+    """Count the active admins, locking their rows until the transaction ends.
+
+    Two admins demoting (or deleting) themselves at once would otherwise both see the other one
+    and both succeed, leaving none; with the lock the second waits, then counts again.
+    """
+    query = (
+        select(User.id)
+        .where(User.role == "admin", User.is_active)
+        .order_by(User.id)  # one locking order for everyone: no deadlock between two demotions
+        .with_for_update()
+    )
+    return len((await db.execute(query)).scalars().all())
 
 
 def encode_cursor(user: User) -> str:
@@ -38,9 +48,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created, _, user_id = base64.urlsafe_b64decode(padded).decode().partition("|")
-        return datetime.fromisoformat(created), uuid.UUID(user_id)
+        after = datetime.fromisoformat(created), uuid.UUID(user_id)
     except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
         raise ValueError("invalid cursor") from exc
+    if after[0].tzinfo is None:  # ours always carry one; a naive time cannot be compared
+        raise ValueError("invalid cursor")
+    return after
 
 
 def _escape_like(text: str) -> str:

@@ -222,7 +222,7 @@ async def update_user(
 
 
 async def ensure_not_last_admin(db: AsyncSession) -> None:
-    if await repository.count_active_admins(db) <= 1:
+    if await repository.lock_active_admins(db) <= 1:
         raise Conflict("This is the last active admin; promote another admin first.")
 
 

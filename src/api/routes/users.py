@@ -34,15 +34,12 @@ from src.users.schemas import (
 
 router = APIRouter(prefix="/users", tags=["users"])
 
-_AUTH: Responses = {401: PROBLEM}
-_WRITE: Responses = {
-    401: PROBLEM,
-    403: PROBLEM,
-    404: PROBLEM,
-    409: PROBLEM,
-    412: PROBLEM,
-    422: PROBLEM,
-}
+
+def _errors(*statuses: int) -> Responses:
+    """The problem responses an operation can give, for its OpenAPI entry (keep them exact)."""
+    return dict.fromkeys(statuses, PROBLEM)
+
+
 IfMatch = Annotated[
     str | None, Header(description="The ETag from a GET; the update fails with 412 if stale.")
 ]
@@ -75,14 +72,14 @@ def _only_self_or_admin(principal: Principal, user_id: uuid.UUID) -> None:
 # --- the caller's own account ---------------------------------------------------------------------
 
 
-@router.get("/me", response_model=UserPublic, responses=_AUTH)
+@router.get("/me", response_model=UserPublic, responses=_errors(401))
 async def read_me(principal: CurrentUser, response: Response) -> UserPublic:
     # Authentication already loaded the user (from the cache when it can); changes invalidate it.
     response.headers["ETag"] = _etag(principal.user)
     return principal.user
 
 
-@router.patch("/me", response_model=UserPublic, responses=_WRITE)
+@router.patch("/me", response_model=UserPublic, responses=_errors(401, 409, 412, 422))
 async def update_me(
     body: UserUpdateMe,
     principal: CurrentUser,
@@ -102,12 +99,14 @@ async def update_me(
     return _reply(user, response)
 
 
-@router.delete("/me", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE)
+@router.delete("/me", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 409))
 async def delete_me(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -> None:
     await user_service.delete_user(db, sec, principal.id, principal)
 
 
-@router.post("/me/password", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE)
+@router.post(
+    "/me/password", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(400, 401, 422)
+)
 async def change_password(
     body: PasswordChange, principal: CurrentUser, db: SessionDep, sec: SecurityDep
 ) -> None:
@@ -115,13 +114,15 @@ async def change_password(
     await user_service.change_password(db, sec, principal, body.current_password, body.new_password)
 
 
-@router.get("/me/sessions", response_model=list[SessionPublic], responses=_AUTH)
+@router.get("/me/sessions", response_model=list[SessionPublic], responses=_errors(401))
 async def list_my_sessions(principal: CurrentUser, db: SessionDep) -> list[SessionPublic]:
     return await auth_service.list_sessions(db, principal)
 
 
 @router.delete(
-    "/me/sessions/{session_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE
+    "/me/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_errors(401, 404, 422),
 )
 async def revoke_my_session(
     session_id: uuid.UUID, principal: CurrentUser, db: SessionDep, sec: SecurityDep
@@ -132,7 +133,7 @@ async def revoke_my_session(
 # --- admin (and self by id) -----------------------------------------------------------------------
 
 
-@router.get("", response_model=UsersPage, responses={401: PROBLEM, 403: PROBLEM, 422: PROBLEM})
+@router.get("", response_model=UsersPage, responses=_errors(401, 403, 422))
 async def list_users(
     _admin: AdminUser,
     db: SessionDep,
@@ -149,7 +150,12 @@ async def list_users(
     return UsersPage(items=[UserPublic.model_validate(u) for u in users], next_cursor=next_cursor)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=UserPublic, responses=_WRITE)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserPublic,
+    responses=_errors(401, 403, 409, 422),
+)
 async def create_user(
     body: UserCreate, admin: AdminUser, db: SessionDep, sec: SecurityDep, response: Response
 ) -> UserPublic:
@@ -158,7 +164,7 @@ async def create_user(
     return _reply(user, response)
 
 
-@router.get("/{user_id}", response_model=UserPublic, responses=_WRITE)
+@router.get("/{user_id}", response_model=UserPublic, responses=_errors(401, 403, 404, 422))
 async def read_user(
     user_id: uuid.UUID, principal: CurrentUser, db: SessionDep, response: Response
 ) -> UserPublic:
@@ -166,7 +172,9 @@ async def read_user(
     return _reply(await user_service.get_user(db, user_id), response)
 
 
-@router.patch("/{user_id}", response_model=UserPublic, responses=_WRITE)
+@router.patch(
+    "/{user_id}", response_model=UserPublic, responses=_errors(401, 403, 404, 409, 412, 422)
+)
 async def update_user(
     user_id: uuid.UUID,
     body: UserUpdate,
@@ -189,7 +197,9 @@ async def update_user(
     return _reply(user, response)
 
 
-@router.delete("/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_WRITE)
+@router.delete(
+    "/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 403, 404, 409, 422)
+)
 async def delete_user(
     user_id: uuid.UUID, principal: CurrentUser, db: SessionDep, sec: SecurityDep
 ) -> None:
@@ -197,7 +207,7 @@ async def delete_user(
     await user_service.delete_user(db, sec, user_id, principal)
 
 
-@router.get("/{user_id}/events", response_model=UserEventsPage, responses=_WRITE)
+@router.get("/{user_id}/events", response_model=UserEventsPage, responses=_errors(401, 403, 422))
 async def list_user_events(
     user_id: uuid.UUID,
     principal: CurrentUser,
