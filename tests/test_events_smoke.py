@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from tests.conftest import SettingsFactory
+from tests.events_support import FAST_GROUP_JOIN
 from tests.helpers import bearer, eventually, login, register, running_app
 
 
 async def test_registration_reaches_the_audit_trail(make_settings: SettingsFactory) -> None:
-    async with running_app(make_settings()) as (app, client):
+    async with running_app(make_settings(**FAST_GROUP_JOIN)) as (app, client):
         user = await register(client)
         headers = bearer(await login(client, user["email"]))
 

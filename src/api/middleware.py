@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.api.errors import problem_response
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from ``receive`` while a streamed body is read.
+
+    An HTTPException because FastAPI turns any other error raised while it reads a body into
+    "400 There was an error parsing the body"; this one it re-raises, and the app's handler
+    answers with the 413 problem document.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, _too_large_detail(max_bytes))
+
+
+def _too_large_detail(max_bytes: int) -> str:
+    return f"The request body is larger than {max_bytes} bytes."
 
 
 class BodySizeLimitMiddleware:
@@ -41,7 +54,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge
+                    raise _TooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -59,7 +72,7 @@ class BodySizeLimitMiddleware:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = problem_response(
             413,
-            f"The request body is larger than {self.max_bytes} bytes.",
+            _too_large_detail(self.max_bytes),
             instance=scope.get("path"),
         )
         await response(scope, receive, send)

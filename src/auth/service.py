@@ -94,7 +94,8 @@ async def login(
         raise OAuthError("invalid_grant", "This account is disabled.")
 
     await sec.guard.record_success(account)
-    if sec.hasher.needs_rehash(user.password_hash):
+    rehashed = sec.hasher.needs_rehash(user.password_hash)
+    if rehashed:
         # Parameters were raised since this hash was made: upgrade it while we have the password.
         user.password_hash = await sec.hasher.hash(password)
     session, refresh = await _open_session(db, sec, user, client)
@@ -105,7 +106,9 @@ async def login(
         user.id,
         {"id": user.id, "session_id": session.id, "ip": client.ip},
     )
-    await db.commit()
+    # The upgrade bumps the row's version (optimistic locking), so a cached copy would now
+    # serve a stale ETag: drop it like any other change.
+    await commit_change(db, sec, [user.id] if rehashed else [])
     audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
     return _token_response(sec, user, session, refresh)
 

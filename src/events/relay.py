@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 import uuid
 from collections import defaultdict
@@ -27,7 +28,12 @@ from src.config.settings import Settings
 from src.db.models import OutboxEvent
 from src.db.types import utcnow
 from src.events.envelope import envelope_for
-from src.services.kafka.manager import KafkaManager, KafkaSendTimeout, OutgoingMessage
+from src.services.kafka.manager import (
+    KafkaManager,
+    KafkaSendTimeout,
+    KafkaUnavailableError,
+    OutgoingMessage,
+)
 from src.services.kafka.serializers import KafkaSerializer
 
 logger = logging.getLogger(__name__)
@@ -84,16 +90,26 @@ class OutboxRelay:
             logger.warning("outbox relay: publishing failed (%s); will retry", message)
         self.last_error, self.last_error_at = message, time.time()
 
+    def _recovered(self) -> None:
+        """Kafka is reachable and nothing failed: an earlier error no longer describes the relay."""
+        if self.last_error is not None:
+            logger.info("outbox relay: publishing again")
+            self.last_error = None
+
     # --- one batch ----------------------------------------------------------------------------
     async def publish_once(self) -> int:
         """Publish one batch; return how many rows were published (0 when idle or Kafka is down)."""
         manager = self.kafka()
         if manager is None:
+            # Not an exception (nothing to back off from: the supervisor reconnects), but the
+            # reason the backlog grows, so /health/kafka shows it as the relay's last error.
+            self._failed(KafkaUnavailableError("Kafka is unavailable; events wait in the outbox"))
             return 0
         async with self.sessionmaker() as db:
             rows = await self._claim(db)
             if not rows:
                 await db.rollback()
+                self._recovered()
                 return 0
             messages = [self._message(row) for row in rows]
             positions = [row.position for row in rows]
@@ -115,9 +131,7 @@ class OutboxRelay:
             await db.commit()
         self.published_total += len(rows)
         self.last_published_at = time.time()
-        if self.last_error is not None:
-            logger.info("outbox relay: publishing again")
-            self.last_error = None
+        self._recovered()
         return len(rows)
 
     async def _claim(self, db: AsyncSession) -> list[OutboxEvent]:
@@ -197,6 +211,13 @@ class OutboxRelay:
         if now - self._last_prune < _PRUNE_EVERY_SECONDS:
             return
         self._last_prune = now
+        await self.prune()
+
+    async def prune(self) -> int:
+        """Delete rows published more than ``OUTBOX_RETENTION_HOURS`` ago; return how many.
+
+        Unpublished rows are never deleted, however old: they are events still owed to Kafka.
+        """
         cutoff = utcnow() - timedelta(hours=self.settings.OUTBOX_RETENTION_HOURS)
         async with self.sessionmaker() as db:
             result = await db.execute(
@@ -204,9 +225,10 @@ class OutboxRelay:
                 execution_options={"synchronize_session": False},
             )
             await db.commit()
-        deleted = getattr(result, "rowcount", 0) or 0
+        deleted: int = getattr(result, "rowcount", 0) or 0
         if deleted:
             logger.info("outbox relay: pruned %d published events", deleted)
+        return deleted
 
 
 async def _main() -> None:
@@ -223,27 +245,54 @@ async def _main() -> None:
         settings, create_sessionmaker(engine), lambda: manager if manager.started else None
     )
 
-    async def keep_producer_up() -> None:
+    async def connect(was_up: bool) -> bool:
+        """Start the producer if it is not running; log only changes, so an outage is one line."""
+        if manager.started:
+            return True
+        try:
+            await manager.start()
+        except Exception as exc:  # noqa: BLE001 - retried with backoff
+            if was_up:
+                reason = str(exc) or type(exc).__name__
+                logger.warning("Kafka unavailable (%s); retrying in the background", reason)
+            return False
+        logger.info("Kafka connected at %s", settings.KAFKA_BOOTSTRAP_SERVERS)
+        return True
+
+    async def keep_producer_up(up: bool) -> None:
         delay = settings.RECONNECT_BACKOFF_INITIAL
         while True:
-            if not manager.started:
-                try:
-                    await manager.start()
-                    logger.info("Kafka connected at %s", settings.KAFKA_BOOTSTRAP_SERVERS)
-                    delay = settings.RECONNECT_BACKOFF_INITIAL
-                except Exception as exc:  # noqa: BLE001
-                    logger.warning("Kafka unavailable (%s); retrying in %.1fs", exc, delay)
-                    delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
             await asyncio.sleep(delay)
+            up = await connect(up)
+            if up:
+                delay = settings.RECONNECT_BACKOFF_INITIAL
+            else:
+                delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
 
-    keeper = asyncio.create_task(keep_producer_up())
+    # One attempt before the relay starts, so a broker that is there is used from the start.
+    keeper = asyncio.create_task(keep_producer_up(await connect(was_up=True)))
+    runner = asyncio.create_task(relay.run())
+    # SIGTERM (how process managers stop a service) ends the relay cleanly, like Ctrl-C does.
+    # Stopping mid-batch loses nothing: rows are marked published only after the broker's acks.
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, runner.cancel)
     try:
-        await relay.run()
+        await runner
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we were cancelled ourselves (Ctrl-C), not just the relay by SIGTERM
+        logger.info("outbox relay stopped")
     finally:
         keeper.cancel()
+        await asyncio.gather(keeper, return_exceptions=True)
         await manager.stop()
         await engine.dispose()
 
 
 if __name__ == "__main__":
-    asyncio.run(_main())
+    # ``python -m`` runs this file as ``__main__``: use the module under its real name, so its
+    # logger is ``src.events.relay`` (configured with the rest of ``src``) and not ``__main__``.
+    from src.events import relay as _relay
+
+    asyncio.run(_relay._main())

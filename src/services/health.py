@@ -101,12 +101,15 @@ async def check_kafka_health(app: FastAPI) -> CheckResult:
         return result
     result.details = details
     age = details["outbox"]["oldest_age_seconds"]
-    if result.status is CheckStatus.HEALTHY and age > settings.OUTBOX_LAG_THRESHOLD_SECONDS:
-        result.status = CheckStatus.UNHEALTHY
-        result.error = (
+    if result.status is not CheckStatus.DISABLED and age > settings.OUTBOX_LAG_THRESHOLD_SECONDS:
+        # Said even when the broker's own error already made the check unhealthy: how long
+        # events have been waiting is what tells an operator how bad the outage is.
+        backlog = (
             f"outbox backlog: oldest event waiting {age:.0f}s "
             f"(threshold {settings.OUTBOX_LAG_THRESHOLD_SECONDS}s)"
         )
+        result.status = CheckStatus.UNHEALTHY
+        result.error = f"{result.error}; {backlog}" if result.error else backlog
     return result
 
 

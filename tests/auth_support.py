@@ -1,0 +1,146 @@
+"""Helpers for the authentication tests: token-endpoint calls, problem checks, outbox reads."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import jwt
+from fastapi import FastAPI
+from sqlalchemy import select, update
+
+from src.auth.secrets import hash_token
+from src.db.models import OneTimeToken, OutboxEvent, User
+from tests.helpers import PASSWORD
+
+API = "/api/v1"
+TOKEN_URL = f"{API}/auth/login"
+REGISTER_URL = f"{API}/auth/register"
+ME_URL = f"{API}/users/me"
+SESSIONS_URL = f"{API}/users/me/sessions"
+PUBLIC_FIELDS = {
+    "id",
+    "email",
+    "full_name",
+    "role",
+    "is_active",
+    "email_verified",
+    "created_at",
+    "updated_at",
+    "version",
+}
+NOTIFICATIONS_TOPIC = "user-notifications"
+
+# Every test logs in from the in-process client's one address: the per-IP limit is for attackers,
+# not for a test suite (the brute-force tests set their own limits). Cheap hashing keeps account
+# creation fast; the production parameters are covered by tests/test_passwords.py. Kafka is off
+# because these tests read the outbox table, and a relay only slows shut-down.
+QUICK_SETTINGS: dict[str, Any] = {
+    "LOGIN_RATE_LIMIT_PER_IP": 100_000,
+    "LOGIN_RATE_LIMIT_PER_ACCOUNT": 100_000,
+    "ARGON2_TIME_COST": 1,
+    "ARGON2_MEMORY_COST": 8192,
+    "KAFKA_ENABLED": False,
+}
+
+
+async def password_grant(
+    client: httpx.AsyncClient, email: str, password: str = PASSWORD
+) -> httpx.Response:
+    return await client.post(
+        TOKEN_URL, data={"grant_type": "password", "username": email, "password": password}
+    )
+
+
+async def refresh_grant(client: httpx.AsyncClient, refresh_token: str) -> httpx.Response:
+    return await client.post(
+        TOKEN_URL, data={"grant_type": "refresh_token", "refresh_token": refresh_token}
+    )
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    """An RFC 9457 answer with this status; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json", response.headers
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status and body["title"], body
+    return body
+
+
+def assert_unauthenticated(response: httpx.Response) -> dict[str, Any]:
+    body = assert_problem(response, 401)
+    assert response.headers.get("www-authenticate") == "Bearer", response.headers
+    return body
+
+
+def assert_oauth_error(response: httpx.Response, error: str) -> dict[str, Any]:
+    """An RFC 6749 section 5.2 answer: 400, JSON, ``error`` code, not cacheable."""
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json", response.headers
+    assert response.headers["cache-control"] == "no-store"
+    body: dict[str, Any] = response.json()
+    assert body["error"] == error, body
+    return body
+
+
+def unverified_claims(token: str) -> dict[str, Any]:
+    claims: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    return claims
+
+
+def session_of(tokens: dict[str, Any]) -> str:
+    return str(unverified_claims(tokens["access_token"])["sid"])
+
+
+async def outbox(
+    app: FastAPI, user_id: str | uuid.UUID | None = None, type_: str | None = None
+) -> list[OutboxEvent]:
+    """Outbox rows in recording order, optionally for one user and of one type."""
+    query = select(OutboxEvent).order_by(OutboxEvent.position)
+    if user_id is not None:
+        query = query.where(OutboxEvent.aggregate_id == uuid.UUID(str(user_id)))
+    if type_ is not None:
+        query = query.where(OutboxEvent.type == type_)
+    async with app.state.sessionmaker() as db:
+        return list((await db.execute(query)).scalars().all())
+
+
+async def one_time_token(app: FastAPI, user_id: str, type_: str) -> str:
+    """The token the newest notification event of this type carries for the user."""
+    rows = await outbox(app, user_id, type_)
+    assert rows, f"no {type_} event for {user_id}"
+    token: str = rows[-1].payload["token"]
+    return token
+
+
+async def user_row(app: FastAPI, email: str) -> User | None:
+    async with app.state.sessionmaker() as db:
+        result = await db.execute(select(User).where(User.email == email))
+        return result.scalar_one_or_none()
+
+
+async def one_time_token_row(app: FastAPI, token: str) -> OneTimeToken:
+    async with app.state.sessionmaker() as db:
+        row = await db.get(OneTimeToken, hash_token(token))
+        assert row is not None
+        return row
+
+
+async def expire_one_time_token(app: FastAPI, token: str) -> None:
+    async with app.state.sessionmaker() as db:
+        row = await db.get(OneTimeToken, hash_token(token))
+        assert row is not None
+        await db.execute(
+            update(OneTimeToken)
+            .where(OneTimeToken.token_hash == hash_token(token))
+            .values(expires_at=row.created_at.replace(year=row.created_at.year - 1))
+        )
+        await db.commit()
+
+
+async def set_active(app: FastAPI, user_id: str, active: bool) -> None:
+    """Flip the flag in the database behind the service's back (no cache invalidation)."""
+    async with app.state.sessionmaker() as db:
+        await db.execute(update(User).where(User.id == uuid.UUID(user_id)).values(is_active=active))
+        await db.commit()

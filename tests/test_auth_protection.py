@@ -1,0 +1,317 @@
+"""Brute-force limits, working without Redis, secrets kept out of logs, and request size limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from src.config.settings import Settings
+from tests.auth_support import (
+    API,
+    ME_URL,
+    QUICK_SETTINGS,
+    REGISTER_URL,
+    SESSIONS_URL,
+    TOKEN_URL,
+    assert_oauth_error,
+    assert_problem,
+    assert_unauthenticated,
+    one_time_token,
+    password_grant,
+    refresh_grant,
+    user_row,
+)
+from tests.helpers import PASSWORD, bearer, eventually, login, register, running_app, unique_email
+from tests.servers import RedisServer
+
+
+@pytest.fixture
+def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    def factory(**overrides: Any) -> Settings:
+        return make_settings(**{**QUICK_SETTINGS, **overrides})
+
+    return factory
+
+
+def client_from(app: FastAPI, ip: str) -> httpx.AsyncClient:
+    """A client whose requests come from ``ip`` (the in-process default is one shared address)."""
+    transport = httpx.ASGITransport(app=app, client=(ip, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def fresh_ip() -> str:
+    # Unique per test: the shared Redis remembers every address's attempts for a whole window.
+    return f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+
+
+LOCKOUT = {"LOCKOUT_FAILURE_THRESHOLD": 3, "LOCKOUT_WAIT_INCREMENT_SECONDS": 2}
+
+
+async def _lock_out(client: httpx.AsyncClient, email: str) -> int:
+    """Fail the threshold's worth of logins; then even the right password gets 429. Returns the
+    Retry-After it announced."""
+    for _ in range(3):
+        assert_oauth_error(await password_grant(client, email, "a wrong password"), "invalid_grant")
+    locked = await password_grant(client, email, PASSWORD)
+    body = assert_problem(locked, 429)
+    retry_after = int(locked.headers["retry-after"])
+    assert 1 <= retry_after <= 2
+    assert body["retry_after"] == retry_after
+    return retry_after
+
+
+# --- brute force ----------------------------------------------------------------------------------
+
+
+async def test_lockout_refuses_even_the_right_password_until_it_ends(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_app(make_settings(**LOCKOUT)) as (_, client):
+        user = await register(client)
+        other = await register(client)
+        retry_after = await _lock_out(client, user["email"])
+        # An unknown account locks the same way: the lock-out does not reveal which exist.
+        await _lock_out(client, unique_email("nobody"))
+        # Others are not affected.
+        assert (await password_grant(client, other["email"])).status_code == 200
+
+        await asyncio.sleep(retry_after)
+
+        async def signed_in() -> bool:
+            return (await password_grant(client, user["email"])).status_code == 200
+
+        await eventually(signed_in, timeout=5, interval=0.3)
+
+
+async def test_per_ip_limit(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(LOGIN_RATE_LIMIT_PER_IP=3)
+    async with running_app(settings) as (app, client):
+        user = await register(client)
+        async with client_from(app, fresh_ip()) as attacker, client_from(app, fresh_ip()) as owner:
+            for _ in range(3):
+                response = await password_grant(attacker, unique_email("guess"), "guess")
+                assert_oauth_error(response, "invalid_grant")
+            refused = await password_grant(attacker, user["email"], PASSWORD)
+            assert_problem(refused, 429)
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            # The account itself is fine from anywhere else.
+            assert (await password_grant(owner, user["email"])).status_code == 200
+
+
+async def test_limits_hold_when_redis_goes_down(
+    make_settings: Callable[..., Settings], redis_process: RedisServer
+) -> None:
+    settings = make_settings(REDIS_PORT=redis_process.port, LOGIN_RATE_LIMIT_PER_IP=6, **LOCKOUT)
+    async with running_app(settings) as (app, client):
+        guard = app.state.security.guard
+        user = await register(client)
+        other = await register(client)
+        assert (await password_grant(client, user["email"])).status_code == 200
+        assert not guard.degraded and guard.fallback_count == 0
+
+        redis_process.stop()
+        await _lock_out(client, user["email"])
+        assert guard.degraded and guard.fallback_count > 0
+        # Login otherwise works.
+        assert (await password_grant(client, other["email"])).status_code == 200
+
+        async with client_from(app, fresh_ip()) as attacker:
+            for _ in range(6):
+                response = await password_grant(attacker, unique_email("guess"), "guess")
+                assert_oauth_error(response, "invalid_grant")
+            assert_problem(await password_grant(attacker, other["email"]), 429)
+
+
+# --- Redis down -----------------------------------------------------------------------------------
+
+
+async def test_everything_works_with_redis_down_from_the_start(
+    make_settings: Callable[..., Settings], redis_process: RedisServer
+) -> None:
+    redis_process.stop()
+    async with running_app(make_settings(REDIS_PORT=redis_process.port)) as (app, client):
+        assert not app.state.redis_available
+        user = await register(client)
+        tokens = await login(client, user["email"])
+        assert (await client.get(ME_URL, headers=bearer(tokens))).json()["id"] == user["id"]
+        refreshed = await refresh_grant(client, tokens["refresh_token"])
+        assert refreshed.status_code == 200, refreshed.text
+        tokens = refreshed.json()
+        assert len((await client.get(SESSIONS_URL, headers=bearer(tokens))).json()) == 1
+
+        assert (await client.post(f"{API}/auth/logout", headers=bearer(tokens))).status_code == 204
+        assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
+        assert_oauth_error(await refresh_grant(client, tokens["refresh_token"]), "invalid_grant")
+
+
+async def test_logout_holds_when_redis_dies_with_the_session_cached(
+    make_settings: Callable[..., Settings], redis_process: RedisServer
+) -> None:
+    async with running_app(make_settings(REDIS_PORT=redis_process.port)) as (app, client):
+        assert app.state.redis_available
+        user = await register(client)
+        tokens = await login(client, user["email"])
+        assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
+
+        redis_process.stop()
+        assert (await client.post(f"{API}/auth/logout", headers=bearer(tokens))).status_code == 204
+        assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
+
+        redis_process.start()
+        await eventually(lambda: app.state.redis_available, timeout=10)
+        assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
+        again = await login(client, user["email"])
+        assert (await client.get(ME_URL, headers=bearer(again))).status_code == 200
+
+
+# --- secrets never logged nor echoed --------------------------------------------------------------
+
+
+def _slices(secret: str, size: int = 16) -> set[str]:
+    if len(secret) <= size:
+        return {secret}
+    return {secret[i : i + size] for i in range(len(secret) - size + 1)}
+
+
+async def test_no_secret_reaches_a_log_line_or_an_error_body(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secrets: dict[str, str] = {}
+    responses: list[httpx.Response] = []
+
+    async def keep(response: httpx.Response) -> None:
+        await response.aread()
+        responses.append(response)
+
+    async with running_app(make_settings(LOG_LEVEL="DEBUG")) as (app, client):
+        client.event_hooks["response"].append(keep)
+        email = unique_email()
+        secrets |= {
+            "password": PASSWORD,
+            "wrong password": "wrong-password-for-the-log-test",
+            "weak password": "Zq9#Lm2",
+            "wrong current password": "not-the-current-password-at-all",
+            "reset password": "password set through the reset link",
+            "changed password": "password set through the change form",
+        }
+        user = await register(client, email)
+        secrets["verification token"] = await one_time_token(
+            app, user["id"], "user.verification_requested"
+        )
+        assert_oauth_error(
+            await password_grant(client, email, secrets["wrong password"]), "invalid_grant"
+        )
+        first = await login(client, email)
+        second = (await refresh_grant(client, first["refresh_token"])).json()
+        secrets |= {
+            "access token 1": first["access_token"],
+            "refresh token 1": first["refresh_token"],
+            "access token 2": second["access_token"],
+            "refresh token 2": second["refresh_token"],
+        }
+        tampered = second["access_token"][:-4] + "AAAA"
+        assert_unauthenticated(await client.get(ME_URL, headers=bearer(tampered)))
+        assert_oauth_error(await refresh_grant(client, first["refresh_token"]), "invalid_grant")
+
+        change_url = f"{API}/users/me/password"
+        third = await login(client, email)
+        secrets |= {"access token 3": third["access_token"], "refresh token 3": third["refresh_token"]}
+        weak = {"current_password": PASSWORD, "new_password": secrets["weak password"]}
+        assert_problem(await client.post(change_url, json=weak, headers=bearer(third)), 422)
+        wrong = {"current_password": secrets["wrong current password"], "new_password": "whatever1"}
+        assert_problem(await client.post(change_url, json=wrong, headers=bearer(third)), 400)
+
+        await client.post(f"{API}/auth/password-reset/request", json={"email": email})
+        secrets["reset token"] = await one_time_token(
+            app, user["id"], "user.password_reset_requested"
+        )
+        confirm = {"token": secrets["reset token"], "new_password": secrets["reset password"]}
+        assert (await client.post(f"{API}/auth/password-reset/confirm", json=confirm)).status_code == 204
+        reused = await client.post(f"{API}/auth/password-reset/confirm", json=confirm)
+        assert_problem(reused, 400)
+
+        fourth = await login(client, email, secrets["reset password"])
+        secrets |= {"access token 4": fourth["access_token"], "refresh token 4": fourth["refresh_token"]}
+        change = {
+            "current_password": secrets["reset password"],
+            "new_password": secrets["changed password"],
+        }
+        assert (await client.post(change_url, json=change, headers=bearer(fourth))).status_code == 204
+        verify = {"token": secrets["verification token"]}
+        assert (await client.post(f"{API}/auth/verify-email/confirm", json=verify)).status_code == 200
+        assert_problem(await client.post(f"{API}/auth/verify-email/confirm", json=verify), 400)
+        assert (await client.post(f"{API}/auth/logout", headers=bearer(fourth))).status_code == 204
+
+        row = await user_row(app, email)
+        assert row is not None
+        secrets["password hash"] = row.password_hash
+
+    assert len(caplog.records) > 20, "the flow should have logged (is DEBUG capture working?)"
+    messages = [record.getMessage() for record in caplog.records] + [caplog.text]
+    for name, secret in secrets.items():
+        windows = _slices(secret)
+        leaks = [m for m in messages if any(w in m for w in windows)]
+        assert not leaks, f"{name} (or a part of it) was logged: {leaks[0][:300]!r}"
+    assert not [m for m in messages if "$argon2" in m]
+
+    errors = [r for r in responses if r.status_code >= 400]
+    assert len(errors) == 7
+    for response in errors:
+        for name, secret in secrets.items():
+            assert not any(w in response.text for w in _slices(secret)), (name, response.text)
+        assert "argon2" not in response.text
+
+
+# --- request size ---------------------------------------------------------------------------------
+
+
+async def test_oversized_bodies_get_413(make_settings: Callable[..., Settings]) -> None:
+    async with running_app(make_settings(MAX_REQUEST_BODY_BYTES=1024)) as (app, client):
+        email = unique_email()
+        big = await client.post(REGISTER_URL, json={"email": email, "password": "p" * 2000})
+        assert "1024 bytes" in assert_problem(big, 413)["detail"]
+        assert await user_row(app, email) is None
+
+        form = {"grant_type": "password", "username": email, "password": "p" * 2000}
+        assert_problem(await client.post(TOKEN_URL, data=form), 413)
+
+        # Within the limit all is well.
+        assert (await client.post(REGISTER_URL, json={"email": email, "password": PASSWORD})).status_code == 201
+
+
+def _chunked(payload: bytes, size: int = 256) -> Callable[[], AsyncIterator[bytes]]:
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), size):
+            yield payload[start : start + size]
+
+    return chunks
+
+
+async def test_oversized_streamed_bodies_get_413(make_settings: Callable[..., Settings]) -> None:
+    """No Content-Length: the limit must hold while the body streams in."""
+    async with running_app(make_settings(MAX_REQUEST_BODY_BYTES=1024)) as (app, client):
+        email = unique_email()
+        json_headers = {"Content-Type": "application/json"}
+        big = json.dumps({"email": email, "password": "p" * 2000}).encode()
+        response = await client.post(REGISTER_URL, content=_chunked(big)(), headers=json_headers)
+        assert "content-length" not in response.request.headers
+        assert_problem(response, 413)
+        assert await user_row(app, email) is None
+
+        form = f"grant_type=password&username={email}&password={'p' * 2000}".encode()
+        form_headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        response = await client.post(TOKEN_URL, content=_chunked(form)(), headers=form_headers)
+        assert_problem(response, 413)
+
+        small = json.dumps({"email": email, "password": PASSWORD}).encode()
+        response = await client.post(REGISTER_URL, content=_chunked(small, 16)(), headers=json_headers)
+        assert response.status_code == 201, response.text

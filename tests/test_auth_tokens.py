@@ -1,0 +1,227 @@
+"""Access tokens: what is refused, JWKS verification by a third party, and a stock OAuth2 client."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+import pytest_asyncio
+from authlib.integrations.httpx_client import AsyncOAuth2Client
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi import FastAPI
+
+from src.auth.context import Security
+from src.config.settings import Settings
+from tests.auth_support import (
+    ME_URL,
+    QUICK_SETTINGS,
+    TOKEN_URL,
+    assert_unauthenticated,
+    session_of,
+    unverified_claims,
+)
+from tests.helpers import PASSWORD, bearer, login, register, running_app
+
+App = tuple[FastAPI, httpx.AsyncClient]
+
+
+@pytest.fixture
+def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
+    def factory(**overrides: Any) -> Settings:
+        return make_settings(**{**QUICK_SETTINGS, **overrides})
+
+    return factory
+
+
+@pytest_asyncio.fixture
+async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[App]:
+    async with running_app(make_settings()) as pair:
+        yield pair
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64_json(value: dict[str, Any]) -> str:
+    return _b64(json.dumps(value, separators=(",", ":")).encode())
+
+
+def _unb64_json(part: str) -> dict[str, Any]:
+    decoded: dict[str, Any] = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    return decoded
+
+
+def _tampered_payload(token: str, _: Security) -> str:
+    header, payload, signature = token.split(".")
+    claims = _unb64_json(payload)
+    claims["role"] = "admin"
+    return f"{header}.{_b64_json(claims)}.{signature}"
+
+
+def _foreign_signature(token: str, _: Security) -> str:
+    # The same header (our kid) and claims, signed by a key that is not ours.
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    header = jwt.get_unverified_header(token)
+    return jwt.encode(unverified_claims(token), other, algorithm="RS256", headers=header)
+
+
+def _mangled_signature(token: str, _: Security) -> str:
+    header, payload, signature = token.split(".")
+    return f"{header}.{payload}.{signature[::-1]}"
+
+
+def _expired(token: str, sec: Security) -> str:
+    claims = unverified_claims(token)
+    past = datetime.now(UTC) - timedelta(hours=1)
+    expired, _ = sec.tokens.issue(
+        uuid.UUID(claims["sub"]), uuid.UUID(claims["sid"]), "user", now=past
+    )
+    return expired
+
+
+def _alg_none(token: str, _: Security) -> str:
+    header = {**jwt.get_unverified_header(token), "alg": "none"}
+    return f"{_b64_json(header)}.{token.split('.')[1]}."
+
+
+def _hs256_with_public_key(token: str, sec: Security) -> str:
+    # The classic confusion: a verifier that trusts the header would check this HMAC with the
+    # public key (which everyone has, from the JWKS) as the secret.
+    pem = sec.tokens.signing_key.public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = {**jwt.get_unverified_header(token), "alg": "HS256"}
+    signing_input = f"{_b64_json(header)}.{token.split('.')[1]}"
+    mac = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(mac)}"
+
+
+def _garbage(_token: str, _: Security) -> str:
+    return "this-is-not-a-jwt"
+
+
+def _wrong_audience(token: str, sec: Security) -> str:
+    claims = {**unverified_claims(token), "aud": "another-service"}
+    key = sec.tokens.signing_key
+    return jwt.encode(claims, key.private_key, algorithm="RS256", headers={"kid": key.kid})
+
+
+@pytest.mark.parametrize(
+    "forge",
+    [
+        _tampered_payload,
+        _foreign_signature,
+        _mangled_signature,
+        _expired,
+        _alg_none,
+        _hs256_with_public_key,
+        _garbage,
+        _wrong_audience,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
+async def test_forged_or_stale_tokens_are_refused(
+    app: App, forge: Callable[[str, Security], str]
+) -> None:
+    fastapi_app, client = app
+    user = await register(client)
+    tokens = await login(client, user["email"])
+    assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
+
+    forged = forge(tokens["access_token"], fastapi_app.state.security)
+    response = await client.get(ME_URL, headers=bearer(forged))
+    assert_unauthenticated(response)
+    assert forged not in response.text and tokens["access_token"] not in response.text
+
+
+async def test_missing_or_other_scheme_authorization_is_refused(
+    app_client: httpx.AsyncClient,
+) -> None:
+    assert_unauthenticated(await app_client.get(ME_URL))
+    assert_unauthenticated(await app_client.get(ME_URL, headers={"Authorization": "Bearer"}))
+    basic = base64.b64encode(f"someone@example.com:{PASSWORD}".encode()).decode()
+    assert_unauthenticated(await app_client.get(ME_URL, headers={"Authorization": f"Basic {basic}"}))
+
+
+async def test_token_of_a_deleted_user_is_refused(app: App) -> None:
+    fastapi_app, client = app
+    user = await register(client)
+    tokens = await login(client, user["email"])
+    assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
+    assert (await client.delete(ME_URL, headers=bearer(tokens))).status_code == 204
+
+    assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
+    # Even a correctly signed, unexpired token naming the deleted user and its old session.
+    fresh, _ = fastapi_app.state.security.tokens.issue(
+        uuid.UUID(user["id"]), uuid.UUID(session_of(tokens)), "user"
+    )
+    assert_unauthenticated(await client.get(ME_URL, headers=bearer(fresh)))
+
+
+async def test_jwks_verifies_an_issued_token(app: App) -> None:
+    fastapi_app, client = app
+    user = await register(client)
+    tokens = await login(client, user["email"])
+
+    response = await client.get("/.well-known/jwks.json")
+    assert response.status_code == 200
+    assert "max-age" in response.headers["cache-control"]
+    keys = response.json()["keys"]
+    assert len(keys) == 1
+    jwk = keys[0]
+    assert (jwk["kty"], jwk["alg"], jwk["use"]) == ("RSA", "RS256", "sig")
+    assert not {"d", "p", "q", "dp", "dq", "qi"} & jwk.keys(), "private members published"
+    assert jwk["kid"] == jwt.get_unverified_header(tokens["access_token"])["kid"]
+
+    settings: Settings = fastapi_app.state.settings
+    claims = jwt.decode(
+        tokens["access_token"],
+        jwt.PyJWK(jwk).key,
+        algorithms=[jwk["alg"]],
+        audience=settings.JWT_AUDIENCE,
+        issuer=settings.JWT_ISSUER,
+    )
+    assert claims["sub"] == user["id"]
+    # And it is the public half of the key the service signs with: a forged token fails.
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(
+            _foreign_signature(tokens["access_token"], fastapi_app.state.security),
+            jwt.PyJWK(jwk).key,
+            algorithms=[jwk["alg"]],
+            audience=settings.JWT_AUDIENCE,
+        )
+
+
+async def test_a_stock_oauth2_client_signs_in_refreshes_and_calls_the_api(app: App) -> None:
+    fastapi_app, client = app
+    user = await register(client)
+    async with AsyncOAuth2Client(
+        transport=httpx.ASGITransport(app=fastapi_app), base_url="http://test"
+    ) as oauth:
+        token = await oauth.fetch_token(
+            f"http://test{TOKEN_URL}", username=user["email"], password=PASSWORD
+        )
+        assert token["token_type"] == "bearer" and token["expires_in"] == 900
+        assert token["expires_at"] > 0  # authlib understood expires_in
+
+        refreshed = await oauth.refresh_token(
+            f"http://test{TOKEN_URL}", refresh_token=token["refresh_token"]
+        )
+        assert refreshed["refresh_token"] != token["refresh_token"]
+        assert refreshed["access_token"] != token["access_token"]
+
+        me = await oauth.get(ME_URL)
+        assert me.status_code == 200, me.text
+        assert me.json()["id"] == user["id"]
+        assert me.request.headers["authorization"] == f"Bearer {refreshed['access_token']}"
