@@ -8,10 +8,13 @@ from typing import Any
 import httpx
 import jwt
 from fastapi import FastAPI
+from redis.asyncio import Redis
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.auth.rate_limit import PREFIX as LOGIN_PREFIX
 from src.auth.secrets import hash_token
-from src.db.models import OneTimeToken, OutboxEvent, User
+from src.db.models import OneTimeToken, OutboxEvent, User, UserSession
 from tests.helpers import PASSWORD
 
 API = "/api/v1"
@@ -43,6 +46,19 @@ QUICK_SETTINGS: dict[str, Any] = {
     "ARGON2_MEMORY_COST": 8192,
     "KAFKA_ENABLED": False,
 }
+
+
+# Where httpx.ASGITransport says every request comes from, unless told otherwise.
+IN_PROCESS_CLIENT_IP = "127.0.0.1"
+
+
+async def forget_in_process_login_attempts(redis: Redis) -> None:
+    """Drop the shared Redis's per-IP login window of the in-process client address.
+
+    Every test of the run logs in from that one address into the same Redis; the many logins
+    here must not push a later test (with the default limit of 30 a minute) over it.
+    """
+    await redis.delete(f"{LOGIN_PREFIX}ip:{IN_PROCESS_CLIENT_IP}")
 
 
 async def password_grant(
@@ -93,6 +109,11 @@ def session_of(tokens: dict[str, Any]) -> str:
     return str(unverified_claims(tokens["access_token"])["sid"])
 
 
+def _sessions(app: FastAPI) -> async_sessionmaker[AsyncSession]:
+    maker: async_sessionmaker[AsyncSession] = app.state.sessionmaker
+    return maker
+
+
 async def outbox(
     app: FastAPI, user_id: str | uuid.UUID | None = None, type_: str | None = None
 ) -> list[OutboxEvent]:
@@ -102,7 +123,7 @@ async def outbox(
         query = query.where(OutboxEvent.aggregate_id == uuid.UUID(str(user_id)))
     if type_ is not None:
         query = query.where(OutboxEvent.type == type_)
-    async with app.state.sessionmaker() as db:
+    async with _sessions(app)() as db:
         return list((await db.execute(query)).scalars().all())
 
 
@@ -115,20 +136,20 @@ async def one_time_token(app: FastAPI, user_id: str, type_: str) -> str:
 
 
 async def user_row(app: FastAPI, email: str) -> User | None:
-    async with app.state.sessionmaker() as db:
+    async with _sessions(app)() as db:
         result = await db.execute(select(User).where(User.email == email))
         return result.scalar_one_or_none()
 
 
 async def one_time_token_row(app: FastAPI, token: str) -> OneTimeToken:
-    async with app.state.sessionmaker() as db:
+    async with _sessions(app)() as db:
         row = await db.get(OneTimeToken, hash_token(token))
         assert row is not None
         return row
 
 
 async def expire_one_time_token(app: FastAPI, token: str) -> None:
-    async with app.state.sessionmaker() as db:
+    async with _sessions(app)() as db:
         row = await db.get(OneTimeToken, hash_token(token))
         assert row is not None
         await db.execute(
@@ -141,6 +162,20 @@ async def expire_one_time_token(app: FastAPI, token: str) -> None:
 
 async def set_active(app: FastAPI, user_id: str, active: bool) -> None:
     """Flip the flag in the database behind the service's back (no cache invalidation)."""
-    async with app.state.sessionmaker() as db:
+    async with _sessions(app)() as db:
         await db.execute(update(User).where(User.id == uuid.UUID(user_id)).values(is_active=active))
+        await db.commit()
+
+
+async def expire_session(app: FastAPI, session_id: str) -> None:
+    """Move a session's end (sliding and absolute) into the past, as time passing would."""
+    async with _sessions(app)() as db:
+        row = await db.get(UserSession, uuid.UUID(session_id))
+        assert row is not None
+        past = row.created_at.replace(year=row.created_at.year - 1)
+        await db.execute(
+            update(UserSession)
+            .where(UserSession.id == row.id)
+            .values(expires_at=past, absolute_expires_at=past)
+        )
         await db.commit()

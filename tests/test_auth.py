@@ -7,6 +7,7 @@ brute force, outages, logs and body size in tests/test_auth_protection.py.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -31,6 +32,8 @@ from tests.auth_support import (
     assert_oauth_error,
     assert_problem,
     assert_unauthenticated,
+    expire_session,
+    forget_in_process_login_attempts,
     password_grant,
     refresh_grant,
     session_of,
@@ -49,6 +52,12 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
         return make_settings(**{**QUICK_SETTINGS, **overrides})
 
     return factory
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
+    yield
+    await forget_in_process_login_attempts(redis_client)
 
 
 @pytest_asyncio.fixture
@@ -273,6 +282,34 @@ async def test_reusing_a_refresh_token_revokes_the_session(app: App) -> None:
     assert_oauth_error(await refresh_grant(client, third["refresh_token"]), "invalid_grant")
     assert (await client.get(ME_URL, headers=bearer(other))).status_code == 200
     assert (await refresh_grant(client, other["refresh_token"])).status_code == 200
+
+
+async def test_an_expired_session_cannot_be_refreshed(app: App) -> None:
+    fastapi_app, client = app
+    user = await register(client)
+    current = await login(client, user["email"])
+    old = await login(client, user["email"])
+    await expire_session(fastapi_app, session_of(old))
+
+    assert_oauth_error(await refresh_grant(client, old["refresh_token"]), "invalid_grant")
+    listed = (await client.get(SESSIONS_URL, headers=bearer(current))).json()
+    assert [s["id"] for s in listed] == [session_of(current)]
+
+
+async def test_concurrent_refreshes_with_one_token_never_both_succeed(app: App) -> None:
+    _, client = app
+    user = await register(client)
+    tokens = await login(client, user["email"])
+
+    racing = await asyncio.gather(
+        refresh_grant(client, tokens["refresh_token"]),
+        refresh_grant(client, tokens["refresh_token"]),
+    )
+    assert sorted(r.status_code for r in racing) == [200, 400]
+    # The loser looks like a replay, so the whole session ends, the winner's tokens included.
+    winner = next(r.json() for r in racing if r.status_code == 200)
+    assert_unauthenticated(await client.get(ME_URL, headers=bearer(winner)))
+    assert_oauth_error(await refresh_grant(client, winner["refresh_token"]), "invalid_grant")
 
 
 # --- logout and sessions --------------------------------------------------------------------------

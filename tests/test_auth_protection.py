@@ -11,7 +11,9 @@ from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from tests.auth_support import (
@@ -24,6 +26,7 @@ from tests.auth_support import (
     assert_oauth_error,
     assert_problem,
     assert_unauthenticated,
+    forget_in_process_login_attempts,
     one_time_token,
     password_grant,
     refresh_grant,
@@ -39,6 +42,12 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
         return make_settings(**{**QUICK_SETTINGS, **overrides})
 
     return factory
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
+    yield
+    await forget_in_process_login_attempts(redis_client)
 
 
 def client_from(app: FastAPI, ip: str) -> httpx.AsyncClient:
@@ -89,6 +98,26 @@ async def test_lockout_refuses_even_the_right_password_until_it_ends(
             return (await password_grant(client, user["email"])).status_code == 200
 
         await eventually(signed_in, timeout=5, interval=0.3)
+
+
+async def test_guessing_the_current_password_locks_out_like_login(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """A stolen access token must not allow unlimited guesses at the current password."""
+    async with running_app(make_settings(**LOCKOUT)) as (_, client):
+        user = await register(client)
+        headers = bearer(await login(client, user["email"]))
+        url = f"{API}/users/me/password"
+        for _ in range(3):
+            wrong = {"current_password": "a wrong guess", "new_password": "a brand new secret"}
+            assert_problem(await client.post(url, json=wrong, headers=headers), 400)
+        right = {"current_password": PASSWORD, "new_password": "a brand new secret"}
+        locked = await client.post(url, json=right, headers=headers)
+        assert_problem(locked, 429)
+        assert 1 <= int(locked.headers["retry-after"]) <= 2
+        # Nothing changed: the old password is still the password (once the lock-out ends).
+        await asyncio.sleep(int(locked.headers["retry-after"]))
+        assert (await password_grant(client, user["email"], PASSWORD)).status_code == 200
 
 
 async def test_per_ip_limit(make_settings: Callable[..., Settings]) -> None:
@@ -185,71 +214,72 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
     make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    secrets: dict[str, str] = {}
-    responses: list[httpx.Response] = []
-
-    async def keep(response: httpx.Response) -> None:
-        await response.aread()
-        responses.append(response)
+    secrets = {
+        "password": PASSWORD,
+        "wrong password": "wrong-password-for-the-log-test",
+        "weak password": "Zq9#Lm2",
+        "wrong current password": "not-the-current-password-at-all",
+        "reset password": "password set through the reset link",
+        "changed password": "password set through the change form",
+    }
+    errors: list[httpx.Response] = []
 
     async with running_app(make_settings(LOG_LEVEL="DEBUG")) as (app, client):
-        client.event_hooks["response"].append(keep)
+
+        async def call(expected: int, url: str, **kwargs: Any) -> dict[str, Any]:
+            response = await client.post(url, **kwargs)
+            assert response.status_code == expected, response.text
+            if expected >= 400:
+                errors.append(response)
+            return response.json() if response.content else {}
+
+        def keep_tokens(name: str, tokens: dict[str, Any]) -> dict[str, Any]:
+            secrets[f"access token {name}"] = tokens["access_token"]
+            secrets[f"refresh token {name}"] = tokens["refresh_token"]
+            return tokens
+
         email = unique_email()
-        secrets |= {
-            "password": PASSWORD,
-            "wrong password": "wrong-password-for-the-log-test",
-            "weak password": "Zq9#Lm2",
-            "wrong current password": "not-the-current-password-at-all",
-            "reset password": "password set through the reset link",
-            "changed password": "password set through the change form",
-        }
         user = await register(client, email)
-        secrets["verification token"] = await one_time_token(
-            app, user["id"], "user.verification_requested"
-        )
-        assert_oauth_error(
-            await password_grant(client, email, secrets["wrong password"]), "invalid_grant"
-        )
-        first = await login(client, email)
-        second = (await refresh_grant(client, first["refresh_token"])).json()
-        secrets |= {
-            "access token 1": first["access_token"],
-            "refresh token 1": first["refresh_token"],
-            "access token 2": second["access_token"],
-            "refresh token 2": second["refresh_token"],
+        verification = await one_time_token(app, user["id"], "user.verification_requested")
+        secrets["verification token"] = verification
+        wrong_login = {
+            "grant_type": "password",
+            "username": email,
+            "password": secrets["wrong password"],
         }
+        await call(400, TOKEN_URL, data=wrong_login)
+        first = keep_tokens("1", await login(client, email))
+        refresh = {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}
+        second = keep_tokens("2", await call(200, TOKEN_URL, data=refresh))
+        await call(400, TOKEN_URL, data=refresh)  # reuse
         tampered = second["access_token"][:-4] + "AAAA"
-        assert_unauthenticated(await client.get(ME_URL, headers=bearer(tampered)))
-        assert_oauth_error(await refresh_grant(client, first["refresh_token"]), "invalid_grant")
+        response = await client.get(ME_URL, headers=bearer(tampered))
+        assert_unauthenticated(response)
+        errors.append(response)
 
+        third = keep_tokens("3", await login(client, email))
         change_url = f"{API}/users/me/password"
-        third = await login(client, email)
-        secrets |= {"access token 3": third["access_token"], "refresh token 3": third["refresh_token"]}
         weak = {"current_password": PASSWORD, "new_password": secrets["weak password"]}
-        assert_problem(await client.post(change_url, json=weak, headers=bearer(third)), 422)
+        await call(422, change_url, json=weak, headers=bearer(third))
         wrong = {"current_password": secrets["wrong current password"], "new_password": "whatever1"}
-        assert_problem(await client.post(change_url, json=wrong, headers=bearer(third)), 400)
+        await call(400, change_url, json=wrong, headers=bearer(third))
 
-        await client.post(f"{API}/auth/password-reset/request", json={"email": email})
-        secrets["reset token"] = await one_time_token(
-            app, user["id"], "user.password_reset_requested"
-        )
-        confirm = {"token": secrets["reset token"], "new_password": secrets["reset password"]}
-        assert (await client.post(f"{API}/auth/password-reset/confirm", json=confirm)).status_code == 204
-        reused = await client.post(f"{API}/auth/password-reset/confirm", json=confirm)
-        assert_problem(reused, 400)
+        await call(202, f"{API}/auth/password-reset/request", json={"email": email})
+        reset = await one_time_token(app, user["id"], "user.password_reset_requested")
+        secrets["reset token"] = reset
+        confirm = {"token": reset, "new_password": secrets["reset password"]}
+        await call(204, f"{API}/auth/password-reset/confirm", json=confirm)
+        await call(400, f"{API}/auth/password-reset/confirm", json=confirm)
 
-        fourth = await login(client, email, secrets["reset password"])
-        secrets |= {"access token 4": fourth["access_token"], "refresh token 4": fourth["refresh_token"]}
+        fourth = keep_tokens("4", await login(client, email, secrets["reset password"]))
         change = {
             "current_password": secrets["reset password"],
             "new_password": secrets["changed password"],
         }
-        assert (await client.post(change_url, json=change, headers=bearer(fourth))).status_code == 204
-        verify = {"token": secrets["verification token"]}
-        assert (await client.post(f"{API}/auth/verify-email/confirm", json=verify)).status_code == 200
-        assert_problem(await client.post(f"{API}/auth/verify-email/confirm", json=verify), 400)
-        assert (await client.post(f"{API}/auth/logout", headers=bearer(fourth))).status_code == 204
+        await call(204, change_url, json=change, headers=bearer(fourth))
+        await call(200, f"{API}/auth/verify-email/confirm", json={"token": verification})
+        await call(400, f"{API}/auth/verify-email/confirm", json={"token": verification})
+        await call(204, f"{API}/auth/logout", headers=bearer(fourth))
 
         row = await user_row(app, email)
         assert row is not None
@@ -263,7 +293,6 @@ async def test_no_secret_reaches_a_log_line_or_an_error_body(
         assert not leaks, f"{name} (or a part of it) was logged: {leaks[0][:300]!r}"
     assert not [m for m in messages if "$argon2" in m]
 
-    errors = [r for r in responses if r.status_code >= 400]
     assert len(errors) == 7
     for response in errors:
         for name, secret in secrets.items():
@@ -285,7 +314,9 @@ async def test_oversized_bodies_get_413(make_settings: Callable[..., Settings]) 
         assert_problem(await client.post(TOKEN_URL, data=form), 413)
 
         # Within the limit all is well.
-        assert (await client.post(REGISTER_URL, json={"email": email, "password": PASSWORD})).status_code == 201
+        assert (
+            await client.post(REGISTER_URL, json={"email": email, "password": PASSWORD})
+        ).status_code == 201
 
 
 def _chunked(payload: bytes, size: int = 256) -> Callable[[], AsyncIterator[bytes]]:
@@ -313,5 +344,7 @@ async def test_oversized_streamed_bodies_get_413(make_settings: Callable[..., Se
         assert_problem(response, 413)
 
         small = json.dumps({"email": email, "password": PASSWORD}).encode()
-        response = await client.post(REGISTER_URL, content=_chunked(small, 16)(), headers=json_headers)
+        response = await client.post(
+            REGISTER_URL, content=_chunked(small, 16)(), headers=json_headers
+        )
         assert response.status_code == 201, response.text

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from tests.auth_support import (
@@ -26,6 +27,7 @@ from tests.auth_support import (
     assert_problem,
     assert_unauthenticated,
     expire_one_time_token,
+    forget_in_process_login_attempts,
     one_time_token,
     one_time_token_row,
     outbox,
@@ -54,6 +56,12 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
         )
 
     return factory
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
+    yield
+    await forget_in_process_login_attempts(redis_client)
 
 
 @pytest_asyncio.fixture

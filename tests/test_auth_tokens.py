@@ -19,6 +19,7 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
+from redis.asyncio import Redis
 
 from src.auth.context import Security
 from src.config.settings import Settings
@@ -27,6 +28,7 @@ from tests.auth_support import (
     QUICK_SETTINGS,
     TOKEN_URL,
     assert_unauthenticated,
+    forget_in_process_login_attempts,
     session_of,
     unverified_claims,
 )
@@ -41,6 +43,12 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
         return make_settings(**{**QUICK_SETTINGS, **overrides})
 
     return factory
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
+    yield
+    await forget_in_process_login_attempts(redis_client)
 
 
 @pytest_asyncio.fixture
@@ -151,7 +159,9 @@ async def test_missing_or_other_scheme_authorization_is_refused(
     assert_unauthenticated(await app_client.get(ME_URL))
     assert_unauthenticated(await app_client.get(ME_URL, headers={"Authorization": "Bearer"}))
     basic = base64.b64encode(f"someone@example.com:{PASSWORD}".encode()).decode()
-    assert_unauthenticated(await app_client.get(ME_URL, headers={"Authorization": f"Basic {basic}"}))
+    assert_unauthenticated(
+        await app_client.get(ME_URL, headers={"Authorization": f"Basic {basic}"})
+    )
 
 
 async def test_token_of_a_deleted_user_is_refused(app: App) -> None:

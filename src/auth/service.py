@@ -170,6 +170,7 @@ async def refresh(
         raise invalid
     session = await repository.get_session(db, row.session_id)
     if session is None:
+        audit.info("refresh failed: user=unknown ip=%s reason=session_gone", client.ip)
         raise invalid
     now = utcnow()
     if row.used_at is not None:
@@ -188,6 +189,7 @@ async def refresh(
         raise invalid
     user = await repository.get_user(db, session.user_id)
     if user is None or not user.is_active:
+        audit.info("refresh failed: user=%s ip=%s reason=inactive", session.user_id, client.ip)
         raise invalid
 
     row.used_at = now

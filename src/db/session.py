@@ -46,6 +46,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         ensure_sqlite_directory(settings.DATABASE_URL)
         engine = create_async_engine(
             url,
+            hide_parameters=True,
             connect_args={"timeout": settings.DATABASE_CONNECT_TIMEOUT},
             # aiosqlite connections are threads; reusing them is cheap and keeps WAL effective.
             pool_size=settings.DATABASE_POOL_SIZE,
@@ -56,6 +57,8 @@ def create_engine(settings: Settings) -> AsyncEngine:
         return engine
     return create_async_engine(
         url,
+        # Parameters can be password hashes and one-time tokens: never put them in logs or errors.
+        hide_parameters=True,
         pool_size=settings.DATABASE_POOL_SIZE,
         max_overflow=settings.DATABASE_MAX_OVERFLOW,
         pool_timeout=settings.DATABASE_POOL_TIMEOUT,

@@ -39,6 +39,66 @@ def _subject_id(subject: str | None) -> uuid.UUID | None:
         return None
 
 
+_CONSUMER_TASKS = {
+    "_fetcher": ("_fetch_task",),
+    "_coordinator": (
+        "_coordination_task",
+        "_heartbeat_task",
+        "_commit_refresh_task",
+        "_reset_committed_task",
+    ),
+}
+
+
+def _running_tasks(consumer: Any) -> list[asyncio.Task[Any]]:
+    tasks: list[Any] = []
+    for part_name, task_names in _CONSUMER_TASKS.items():
+        part = getattr(consumer, part_name, None)
+        tasks += [getattr(part, name, None) for name in task_names]
+        tasks += list(getattr(part, "_pending_tasks", ()))
+    return [task for task in tasks if isinstance(task, asyncio.Task) and not task.done()]
+
+
+async def _shut(consumer: Any, joined: bool, timeout: float) -> None:
+    if joined:
+        try:
+            await asyncio.wait_for(consumer.stop(), timeout)  # commits nothing; leaves the group
+            return
+        except (Exception, asyncio.CancelledError):
+            # Timed out, or stop() gave up half-way: with the broker lost mid-fetch it re-raises
+            # the cancellation of one of its own fetch tasks and never closes its client.
+            logger.debug("audit consumer did not stop cleanly", exc_info=True)
+    # Not in a group (a join in progress waits for the broker's answer, which tansu delays by
+    # half the session timeout), or stop() gave up: end its tasks and close its connections.
+    tasks = _running_tasks(consumer)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consumer._client.close(), timeout)
+    consumer._closed = True
+
+
+async def _close_consumer(consumer: Any, joined: bool, timeout: float) -> None:
+    """Close a consumer for good, in bounded time, whatever state it was left in.
+
+    Without this, an interrupted join or an aiokafka ``stop()`` that gives up half-way leaves the
+    consumer's tasks and sockets running after the app has shut down. The private attributes
+    used here (``_fetcher``, ``_coordinator``, ``_client``) are why the aiokafka version is pinned.
+    Shut-down cancels background tasks again every second; the close is bounded, so it is shielded
+    and allowed to finish, and the cancellation is passed on afterwards.
+    """
+    closing = asyncio.ensure_future(_shut(consumer, joined, timeout))
+    cancelled = False
+    while not closing.done():
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+
+
 class AuditConsumer:
     def __init__(
         self,
@@ -65,12 +125,14 @@ class AuditConsumer:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )
+            joined = False
             try:
                 # Joining a group takes seconds (rebalance delay); this runs in the background,
                 # so the generous request timeout is the right bound, not the start-up one.
                 await asyncio.wait_for(
                     consumer.start(), self.settings.KAFKA_REQUEST_TIMEOUT_MS / 1000
                 )
+                joined = True
                 delay = self.settings.RECONNECT_BACKOFF_INITIAL
                 await self._consume(consumer)
             except asyncio.CancelledError:
@@ -80,8 +142,7 @@ class AuditConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.RECONNECT_BACKOFF_MAX)
             finally:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(consumer.stop(), self.settings.KAFKA_CONNECT_TIMEOUT * 2)
+                await _close_consumer(consumer, joined, self.settings.KAFKA_CONNECT_TIMEOUT * 2)
 
     async def _consume(self, consumer: Any) -> None:
         while True:

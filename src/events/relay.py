@@ -39,6 +39,7 @@ from src.services.kafka.serializers import KafkaSerializer
 logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_SECONDS = 600
+_UNAVAILABLE = KafkaUnavailableError("Kafka is unavailable; events wait in the outbox")
 
 
 class OutboxRelay:
@@ -84,9 +85,9 @@ class OutboxRelay:
             await asyncio.wait_for(self.signal.wait(), self.settings.OUTBOX_POLL_INTERVAL)
         self.signal.clear()
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed(self, exc: BaseException, log: bool = True) -> None:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        if message != self.last_error:
+        if log and message != self.last_error:
             logger.warning("outbox relay: publishing failed (%s); will retry", message)
         self.last_error, self.last_error_at = message, time.time()
 
@@ -101,9 +102,10 @@ class OutboxRelay:
         """Publish one batch; return how many rows were published (0 when idle or Kafka is down)."""
         manager = self.kafka()
         if manager is None:
-            # Not an exception (nothing to back off from: the supervisor reconnects), but the
-            # reason the backlog grows, so /health/kafka shows it as the relay's last error.
-            self._failed(KafkaUnavailableError("Kafka is unavailable; events wait in the outbox"))
+            # Not an exception (nothing to back off from: the supervisor reconnects, and has
+            # already logged the outage once), but the reason the backlog grows, so
+            # /health/kafka shows it as the relay's last error.
+            self._failed(_UNAVAILABLE, log=False)
             return 0
         async with self.sessionmaker() as db:
             rows = await self._claim(db)

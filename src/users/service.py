@@ -23,7 +23,14 @@ from src.auth.passwords import PasswordPolicyError, check_password_policy
 from src.auth.secrets import hash_token, new_token
 from src.db.models import OneTimeToken, User
 from src.db.types import utcnow
-from src.errors import Conflict, DomainError, InvalidInput, NotFound, PreconditionFailed
+from src.errors import (
+    Conflict,
+    DomainError,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    TooManyRequests,
+)
 from src.events.outbox import EventType, record_event
 from src.users import repository
 from src.users.schemas import UserPublic
@@ -227,13 +234,31 @@ async def ensure_not_last_admin(db: AsyncSession) -> None:
 
 
 async def change_password(
-    db: AsyncSession, sec: Security, principal: Principal, current: str, new: str
+    db: AsyncSession,
+    sec: Security,
+    principal: Principal,
+    current: str,
+    new: str,
+    *,
+    ip: str,
 ) -> None:
-    """Needs the current password; ends every other session of the user."""
+    """Needs the current password; ends every other session of the user.
+
+    Guessing the current password goes through the login guard, so a stolen access token is no
+    way around the brute-force limits.
+    """
     user = await get_user(db, principal.id)
+    wait = await sec.guard.check(ip, user.email)
+    if wait is not None:
+        logger.warning("password change refused: user=%s ip=%s reason=rate_limited", user.id, ip)
+        raise TooManyRequests(wait)
     if not await sec.hasher.verify(user.password_hash, current):
-        logger.info("password change refused: user=%s reason=wrong_current_password", user.id)
+        await sec.guard.record_failure(ip, user.email)
+        logger.info(
+            "password change refused: user=%s ip=%s reason=wrong_current_password", user.id, ip
+        )
         raise DomainError("The current password is not correct.")
+    await sec.guard.record_success(user.email)
     enforce_password_policy(new, user.email)
     await set_password(db, sec, user, new, keep_session=principal.session_id, reason="changed")
 

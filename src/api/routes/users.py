@@ -11,7 +11,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response, status
 
-from src.api.dependencies import API_V1, AdminUser, CurrentUser, SecurityDep, SessionDep
+from src.api.dependencies import (
+    API_V1,
+    AdminUser,
+    ClientDep,
+    CurrentUser,
+    SecurityDep,
+    SessionDep,
+)
 from src.api.errors import PROBLEM, Responses
 from src.auth import service as auth_service
 from src.auth.context import Principal
@@ -105,13 +112,21 @@ async def delete_me(principal: CurrentUser, db: SessionDep, sec: SecurityDep) ->
 
 
 @router.post(
-    "/me/password", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(400, 401, 422)
+    "/me/password",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_errors(400, 401, 422, 429),
 )
 async def change_password(
-    body: PasswordChange, principal: CurrentUser, db: SessionDep, sec: SecurityDep
+    body: PasswordChange,
+    principal: CurrentUser,
+    db: SessionDep,
+    sec: SecurityDep,
+    client: ClientDep,
 ) -> None:
-    """Needs the current password; every other session of the account ends."""
-    await user_service.change_password(db, sec, principal, body.current_password, body.new_password)
+    """Needs the current password (rate-limited like login); every other session ends."""
+    await user_service.change_password(
+        db, sec, principal, body.current_password, body.new_password, ip=client.ip
+    )
 
 
 @router.get("/me/sessions", response_model=list[SessionPublic], responses=_errors(401))
