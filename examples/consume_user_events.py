@@ -103,7 +103,12 @@ async def consume(args: argparse.Namespace, stop: asyncio.Event) -> int:
                 handled += sum(handle(record, seen) for record in records)
                 await consumer.commit({partition: records[-1].offset + 1})
     finally:
-        await consumer.stop()  # also after a failed start: it still holds connections
+        # Also after a failed start: it still holds connections. Bounded, because stopping in the
+        # middle of joining the group waits for the join to finish.
+        try:
+            await asyncio.wait_for(consumer.stop(), args.stop_timeout)
+        except TimeoutError:
+            logger.warning("the consumer did not stop within %gs", args.stop_timeout)
     return handled
 
 
@@ -154,6 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--remember", type=int, default=10_000, help="event ids kept for dedupe")
     parser.add_argument("--max-messages", type=int, default=0, help="stop after N new events")
     parser.add_argument("--max-seconds", type=float, default=0, help="stop after this long")
+    parser.add_argument("--stop-timeout", type=float, default=10, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
