@@ -28,7 +28,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy src tests test_connections.py
+	$(BIN)/mypy src tests test_connections.py examples bench
 
 format: $(STAMP)
 	$(BIN)/ruff format .
