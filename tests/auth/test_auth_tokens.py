@@ -7,54 +7,28 @@ import hashlib
 import hmac
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import pytest_asyncio
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from src.auth.context import Security
 from src.config.settings import Settings
+from tests.auth.conftest import App
 from tests.auth_support import (
     ME_URL,
-    QUICK_SETTINGS,
     TOKEN_URL,
     assert_unauthenticated,
-    forget_in_process_login_attempts,
     session_of,
     unverified_claims,
 )
-from tests.helpers import PASSWORD, bearer, login, register, running_app
-
-App = tuple[FastAPI, httpx.AsyncClient]
-
-
-@pytest.fixture
-def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
-    def factory(**overrides: Any) -> Settings:
-        return make_settings(**{**QUICK_SETTINGS, **overrides})
-
-    return factory
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
-    yield
-    await forget_in_process_login_attempts(redis_client)
-
-
-@pytest_asyncio.fixture
-async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[App]:
-    async with running_app(make_settings()) as pair:
-        yield pair
+from tests.helpers import PASSWORD, bearer, login, register
 
 
 def _b64(data: bytes) -> str:

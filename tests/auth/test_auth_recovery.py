@@ -7,17 +7,15 @@ take it from the mail.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
-from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from src.config.settings import Settings
+from tests.auth.conftest import App
 from tests.auth_support import (
     API,
     ME_URL,
@@ -27,7 +25,6 @@ from tests.auth_support import (
     assert_problem,
     assert_unauthenticated,
     expire_one_time_token,
-    forget_in_process_login_attempts,
     one_time_token,
     one_time_token_row,
     outbox,
@@ -35,8 +32,6 @@ from tests.auth_support import (
     refresh_grant,
 )
 from tests.helpers import bearer, login, register, running_app, unique_email
-
-App = tuple[FastAPI, httpx.AsyncClient]
 
 PUBLIC_BASE_URL = "https://accounts.ums-public.example"
 RESET_REQUESTED = "user.password_reset_requested"
@@ -56,18 +51,6 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
         )
 
     return factory
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
-    yield
-    await forget_in_process_login_attempts(redis_client)
-
-
-@pytest_asyncio.fixture
-async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[App]:
-    async with running_app(make_settings()) as pair:
-        yield pair
 
 
 async def _request_reset(client: httpx.AsyncClient, email: str) -> httpx.Response:

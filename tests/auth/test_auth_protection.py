@@ -11,22 +11,18 @@ from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from tests.auth_support import (
     API,
     ME_URL,
-    QUICK_SETTINGS,
     REGISTER_URL,
     SESSIONS_URL,
     TOKEN_URL,
     assert_oauth_error,
     assert_problem,
     assert_unauthenticated,
-    forget_in_process_login_attempts,
     one_time_token,
     password_grant,
     refresh_grant,
@@ -34,20 +30,6 @@ from tests.auth_support import (
 )
 from tests.helpers import PASSWORD, bearer, eventually, login, register, running_app, unique_email
 from tests.servers import RedisServer
-
-
-@pytest.fixture
-def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
-    def factory(**overrides: Any) -> Settings:
-        return make_settings(**{**QUICK_SETTINGS, **overrides})
-
-    return factory
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
-    yield
-    await forget_in_process_login_attempts(redis_client)
 
 
 def client_from(app: FastAPI, ip: str) -> httpx.AsyncClient:

@@ -10,22 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-import pytest_asyncio
-from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
+from tests.auth.conftest import App
 from tests.auth_support import (
     API,
     ME_URL,
     PUBLIC_FIELDS,
-    QUICK_SETTINGS,
     REGISTER_URL,
     SESSIONS_URL,
     TOKEN_URL,
@@ -33,7 +31,6 @@ from tests.auth_support import (
     assert_problem,
     assert_unauthenticated,
     expire_session,
-    forget_in_process_login_attempts,
     password_grant,
     refresh_grant,
     session_of,
@@ -42,29 +39,6 @@ from tests.auth_support import (
     user_row,
 )
 from tests.helpers import PASSWORD, bearer, login, register, running_app, unique_email
-
-App = tuple[FastAPI, httpx.AsyncClient]
-
-
-@pytest.fixture
-def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Settings]:
-    def factory(**overrides: Any) -> Settings:
-        return make_settings(**{**QUICK_SETTINGS, **overrides})
-
-    return factory
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def _forget_login_attempts(redis_client: Redis) -> AsyncIterator[None]:
-    yield
-    await forget_in_process_login_attempts(redis_client)
-
-
-@pytest_asyncio.fixture
-async def app(make_settings: Callable[..., Settings]) -> AsyncIterator[App]:
-    async with running_app(make_settings()) as pair:
-        yield pair
-
 
 # --- registration ---------------------------------------------------------------------------------
 
