@@ -7,71 +7,22 @@ import uuid
 from typing import Any
 
 import httpx
-import jwt
 from fastapi import FastAPI
-from sqlalchemy import select
 
 from src.db.models import OutboxEvent
+
+# Shared with the authentication tests (one definition of each), re-exported for the user tests.
+from tests.auth_support import API as API
+from tests.auth_support import PUBLIC_FIELDS as PUBLIC_FIELDS
+from tests.auth_support import QUICK_SETTINGS as QUICK_SETTINGS
+from tests.auth_support import assert_problem as assert_problem
+from tests.auth_support import assert_unauthenticated as assert_unauthenticated
+from tests.auth_support import outbox, session_of
 from tests.helpers import PASSWORD, login, register
 
-API = "/api/v1"
-PUBLIC_FIELDS = {
-    "id",
-    "email",
-    "full_name",
-    "role",
-    "is_active",
-    "email_verified",
-    "created_at",
-    "updated_at",
-    "version",
-}
+session_id = session_of
 USER_EVENTS = "user-events"
 NOTIFICATIONS = "user-notifications"
-
-# Every test here logs in from the same in-process client address; the per-IP login limit is for
-# attackers, not for a test suite. Cheap hashing keeps account creation fast; the real parameters
-# are covered by the password tests.
-QUICK_SETTINGS: dict[str, Any] = {
-    "LOGIN_RATE_LIMIT_PER_IP": 100_000,
-    "LOGIN_RATE_LIMIT_PER_ACCOUNT": 100_000,
-    "ARGON2_TIME_COST": 1,
-    "ARGON2_MEMORY_COST": 8192,
-    "KAFKA_ENABLED": False,
-}
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    """An RFC 9457 answer with this status; returns its body."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json", response.headers
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status and body["title"], body
-    return body
-
-
-def assert_unauthenticated(response: httpx.Response) -> None:
-    assert_problem(response, 401)
-    assert response.headers.get("www-authenticate") == "Bearer"
-
-
-def session_id(tokens: dict[str, Any]) -> str:
-    """The session (``sid``) an access token belongs to, read without verifying it."""
-    claims = jwt.decode(tokens["access_token"], options={"verify_signature": False})
-    return str(claims["sid"])
-
-
-async def outbox(
-    app: FastAPI, user_id: str | uuid.UUID | None = None, type_: str | None = None
-) -> list[OutboxEvent]:
-    """Outbox rows in recording order, optionally for one user and of one type."""
-    query = select(OutboxEvent).order_by(OutboxEvent.position)
-    if user_id is not None:
-        query = query.where(OutboxEvent.aggregate_id == uuid.UUID(str(user_id)))
-    if type_ is not None:
-        query = query.where(OutboxEvent.type == type_)
-    async with app.state.sessionmaker() as db:
-        return list((await db.execute(query)).scalars().all())
 
 
 async def event_types(app: FastAPI, user_id: str | uuid.UUID) -> list[str]:
