@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
+from tests.auth_support import outbox
 from tests.conftest import ADMIN_PASSWORD
 from tests.helpers import (
     PASSWORD,
@@ -42,7 +43,6 @@ from tests.users_support import (
     event_types,
     fetch,
     last_event,
-    outbox,
     session_id,
     with_tokens,
 )
