@@ -20,7 +20,7 @@ migrate: $(STAMP)
 	$(BIN)/alembic upgrade head
 
 run: migrate
-	$(BIN)/uvicorn src.main:app --host $(HOST) --port $(PORT)
+	$(BIN)/uvicorn src.main:app --host $(HOST) --port $(PORT) --no-proxy-headers
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -10,4 +10,5 @@ if [ "$#" -gt 0 ]; then
 fi
 
 alembic upgrade head
-exec uvicorn src.main:app --host 0.0.0.0 --port 8000
+# --no-proxy-headers: the app decides whom to trust (TRUSTED_PROXIES), from the real peer.
+exec uvicorn src.main:app --host 0.0.0.0 --port 8000 --no-proxy-headers

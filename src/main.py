@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from src import __version__
 from src.api.dependencies import API_V1
+from src.api.docs import install_docs
 from src.api.errors import install_error_handlers
-from src.api.middleware import BodySizeLimitMiddleware
+from src.api.middleware import RequestGuardMiddleware, SecurityHeadersMiddleware
 from src.api.router import api_router
 from src.api.routes import well_known
 from src.config.events import lifespan
@@ -24,12 +26,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         openapi_url=f"{API_V1}/openapi.json",
+        # Served by install_docs from vendored assets, under a strict CSP (no CDN, no inline JS).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     install_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.MAX_REQUEST_BODY_BYTES)
+    # The last added runs first: security headers wrap everything, even a refused request.
+    app.add_middleware(
+        RequestGuardMiddleware,
+        max_body_bytes=settings.MAX_REQUEST_BODY_BYTES,
+        max_header_bytes=settings.MAX_REQUEST_HEADER_BYTES,
+    )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match"],
+            expose_headers=["ETag", "Location", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(
+        SecurityHeadersMiddleware, hsts=settings.PUBLIC_BASE_URL.lower().startswith("https://")
+    )
     app.include_router(api_router, prefix=API_V1)
     app.include_router(well_known.router)
+    install_docs(app)
     return app
 
 

@@ -29,7 +29,7 @@ from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from src.db.session import upgrade_database
-from tests.helpers import bearer, login, running_app
+from tests.helpers import OPERATOR_TOKEN, bearer, login, running_app
 from tests.servers import KafkaBroker, RedisServer, postgres_admin_url
 
 
@@ -173,6 +173,10 @@ def make_settings(
             # Every test request comes from 127.0.0.1 through one Redis: tests about limits set
             # their own; the rest must not trip over each other's counters.
             "LOGIN_RATE_LIMIT_PER_IP": 100_000,
+            "MAIL_RATE_LIMIT_PER_IP": 100_000,
+            "MAIL_RATE_LIMIT_PER_ADDRESS": 100_000,
+            # Tests that read health details send it (tests.helpers.OPERATOR).
+            "HEALTH_DETAILS_TOKEN": OPERATOR_TOKEN,
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)

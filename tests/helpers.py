@@ -41,6 +41,11 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
         await asyncio.sleep(interval)
 
 
+# What tests send to see the details of /api/v1/health* (HEALTH_DETAILS_TOKEN in make_settings).
+OPERATOR_TOKEN = "operator-token-for-tests"
+OPERATOR = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+
+
 # --- accounts -------------------------------------------------------------------------------------
 
 PASSWORD = "correct horse battery staple"

@@ -52,7 +52,23 @@ NEW_PASSWORD = "a brand new passphrase"
 MATRIX: list[tuple[str, str, dict[str, Any] | None, tuple[int, int, int]]] = [
     ("GET", "/users/me", None, (401, 200, 200)),
     ("PATCH", "/users/me", {"full_name": "Me"}, (401, 200, 200)),
-    ("DELETE", "/users/me", None, (401, 204, 204)),
+    ("DELETE", "/users/me", {"current_password": PASSWORD}, (401, 204, 204)),
+    # A stolen access token alone cannot delete the account, nor move it to another address.
+    ("DELETE", "/users/me", None, (401, 422, 422)),
+    ("DELETE", "/users/me", {"current_password": "not the password"}, (401, 400, 400)),
+    ("PATCH", "/users/me", {"email": "{new_email}"}, (401, 422, 422)),
+    (
+        "POST",
+        "/users/me/email",
+        {"new_email": "{new_email}", "current_password": PASSWORD},
+        (401, 202, 202),
+    ),
+    (
+        "POST",
+        "/users/me/email",
+        {"new_email": "{new_email}", "current_password": "not the password"},
+        (401, 400, 400),
+    ),
     (
         "POST",
         "/users/me/password",
@@ -68,10 +84,13 @@ MATRIX: list[tuple[str, str, dict[str, Any] | None, tuple[int, int, int]]] = [
     ("PATCH", "/users/{self}", {"role": "admin"}, (401, 403, 200)),
     ("PATCH", "/users/{self}", {"is_active": True}, (401, 403, 200)),
     ("PATCH", "/users/{self}", {"email_verified": True}, (401, 403, 200)),
-    ("DELETE", "/users/{self}", None, (401, 204, 204)),
+    ("PATCH", "/users/{self}", {"email": "{new_email}"}, (401, 422, 422)),
+    ("DELETE", "/users/{self}", {"current_password": PASSWORD}, (401, 204, 204)),
+    ("DELETE", "/users/{self}", None, (401, 422, 422)),
     ("GET", "/users/{other}", None, (401, 403, 200)),
     ("PATCH", "/users/{other}", {"full_name": "Other"}, (401, 403, 200)),
     ("PATCH", "/users/{other}", {"role": "admin"}, (401, 403, 200)),
+    ("PATCH", "/users/{other}", {"email": "{new_email}"}, (401, 403, 200)),
     ("DELETE", "/users/{other}", None, (401, 403, 204)),
     ("GET", "/users/{unknown}", None, (401, 403, 404)),
     ("GET", "/users/{self}/events", None, (401, 200, 200)),
@@ -450,8 +469,10 @@ async def test_the_last_admin_stays(admin_app: AdminApp) -> None:
         client.patch(url, json={"role": "user"}, headers=admin),
         client.patch(url, json={"is_active": False}, headers=admin),
         client.patch(url, json={"role": "user", "full_name": "Demoted"}, headers=admin),
-        client.delete(url, headers=admin),
-        client.delete(f"{API}/users/me", headers=admin),
+        client.request("DELETE", url, json={"current_password": ADMIN_PASSWORD}, headers=admin),
+        client.request(
+            "DELETE", f"{API}/users/me", json={"current_password": ADMIN_PASSWORD}, headers=admin
+        ),
     ]
     for attempt in attempts:
         assert_problem(await attempt, 409)
@@ -469,7 +490,11 @@ async def test_the_last_admin_stays(admin_app: AdminApp) -> None:
     assert_problem(await client.get(f"{API}/users", headers=admin), 403)
     # Now the second admin is the last one.
     second_auth = bearer(second_tokens)
-    assert_problem(await client.delete(f"{API}/users/me", headers=second_auth), 409)
+    own_password = {"current_password": PASSWORD}
+    assert_problem(
+        await client.request("DELETE", f"{API}/users/me", json=own_password, headers=second_auth),
+        409,
+    )
     assert (await client.delete(url, headers=second_auth)).status_code == 204
     assert_unauthenticated(await client.get(f"{API}/users/me", headers=admin))
 
@@ -495,7 +520,7 @@ async def test_two_admins_stepping_down_at_once_leave_one(admin_app: AdminApp) -
                 client.request(
                     "DELETE" if change is None else "PATCH",
                     f"{API}/users/{user_id}",
-                    json=change,
+                    json=change or {"current_password": passwords[user_id]},
                     headers=auth,
                 )
                 for user_id, auth in admins.items()

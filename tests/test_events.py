@@ -14,9 +14,13 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
+from sqlalchemy import select
 
-from src.events.outbox import outbox_backlog
+from src.db.models import OutboxEvent
+from src.events.outbox import open_secret, outbox_backlog
+from src.security.sealing import UnsealError
 from tests.conftest import SettingsFactory
 from tests.events_support import (
     FAST_GROUP_JOIN,
@@ -34,7 +38,7 @@ from tests.events_support import (
     subjects,
     wait_for_records,
 )
-from tests.helpers import PASSWORD, eventually, register, running_app, signed_in
+from tests.helpers import OPERATOR, PASSWORD, eventually, register, running_app, signed_in
 from tests.servers import KafkaBroker, SilentServer
 
 KAFKA_HEALTH = "/api/v1/health/kafka"
@@ -51,7 +55,7 @@ def _settings(make_settings: SettingsFactory, broker: str, **overrides: Any) -> 
 
 
 async def _kafka_health(client: httpx.AsyncClient) -> tuple[int, dict[str, Any]]:
-    reply = await client.get(KAFKA_HEALTH)
+    reply = await client.get(KAFKA_HEALTH, headers=OPERATOR)
     body: dict[str, Any] = reply.json()
     return reply.status_code, body
 
@@ -242,7 +246,8 @@ async def test_notification_events_go_to_their_own_topic(
     make_settings: SettingsFactory, kafka_process: KafkaBroker
 ) -> None:
     bootstrap = kafka_process.bootstrap
-    async with running_app(_settings(make_settings, bootstrap)) as (_, client):
+    async with running_app(_settings(make_settings, bootstrap)) as (app, client):
+        sealer = app.state.security.sealer
         user = await register(client)
         reply = await client.post(
             "/api/v1/auth/password-reset/request", json={"email": user["email"]}
@@ -257,19 +262,36 @@ async def test_notification_events_go_to_their_own_topic(
         events = await wait_for_records(
             bootstrap, USER_EVENTS, lambda recs: user["id"] in subjects(recs, "user.registered")
         )
+        # Published: the sealed links are no longer kept in the outbox.
+        rows = await eventually(lambda: _published_rows(app, user["id"]))
+        assert all(row.sealed is None and row.sealed_until is None for row in rows)
 
     mine = [r for r in notifications if r.event["subject"] == user["id"]]
     tokens = []
     for record in mine:
         assert_cloudevent(record, user["id"], record.event["type"])
-        assert record.event["data"]["email"] == user["email"]
-        tokens.append(record.event["data"]["token"])
+        data = record.event["data"]
+        assert data["email"] == user["email"]
+        assert "token" not in data and "url" not in data
+        # Sealed for the mail courier, and bound to this event: it opens with its id only.
+        secret = open_secret(sealer, uuid.UUID(record.event["id"]), data["sealed"])
+        with pytest.raises(UnsealError):
+            open_secret(sealer, uuid.uuid4(), data["sealed"])
+        assert secret["token"].encode() not in record.value
+        tokens.append(secret["token"])
     assert {r.event["type"] for r in notifications} <= wanted
     assert not {r.event["type"] for r in events} & wanted
     for record in events:
         assert "token" not in _keys(record.event["data"])
         assert all(token.encode() not in record.value for token in tokens)
         assert_cloudevent(record, record.event["subject"], record.event["type"])
+
+
+async def _published_rows(app: FastAPI, user_id: str) -> list[OutboxEvent] | None:
+    async with app.state.sessionmaker() as db:
+        query = select(OutboxEvent).where(OutboxEvent.aggregate_id == uuid.UUID(user_id))
+        rows = list((await db.execute(query)).scalars().all())
+    return rows if rows and all(row.published_at for row in rows) else None
 
 
 def _keys(value: Any) -> set[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tests.conftest import SettingsFactory
 from tests.events_support import FAST_GROUP_JOIN
-from tests.helpers import bearer, eventually, login, register, running_app
+from tests.helpers import OPERATOR, bearer, eventually, login, register, running_app
 
 
 async def test_registration_reaches_the_audit_trail(make_settings: SettingsFactory) -> None:
@@ -21,7 +21,7 @@ async def test_registration_reaches_the_audit_trail(make_settings: SettingsFacto
             lambda: _has(trail, {"user.registered", "user.logged_in"}), timeout=20
         )
         assert "user.verification_requested" not in types  # notifications stay off the audit topic
-        health = (await client.get("/api/v1/health/kafka")).json()
+        health = (await client.get("/api/v1/health/kafka", headers=OPERATOR)).json()
         assert health["status"] == "healthy"
         assert health["details"]["outbox"]["pending"] == 0
         assert app.state.relay.published_total >= 3

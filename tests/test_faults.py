@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka import KafkaUnavailableError
 from tests.conftest import SettingsFactory
-from tests.helpers import assert_no_leftover_tasks, eventually, running_app
+from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
 from tests.servers import KafkaBroker, RedisServer
 
 HEALTH = "/api/v1/health"
@@ -52,7 +52,7 @@ async def test_redis_lost_and_restarted_while_running(
         await asyncio.to_thread(redis_process.stop)
         await _wait_for(client, app, "redis", up=False)
         assert get_redis_from_app(app) is None
-        body = (await client.get(HEALTH)).json()
+        body = (await client.get(HEALTH, headers=OPERATOR)).json()
         assert body["status"] == "degraded" and body["checks"]["redis"]["error"]
 
         await asyncio.to_thread(redis_process.start)

@@ -1,15 +1,15 @@
-"""The health contract (DESIGN.md) against real PostgreSQL, Redis and a Kafka-protocol broker."""
+"""The health contract (README.md, "Health") on real PostgreSQL, Redis and a Kafka broker."""
 
 from __future__ import annotations
 
 import httpx
 
 from tests.conftest import SettingsFactory
-from tests.helpers import running_app
+from tests.helpers import OPERATOR, running_app
 
 
 async def test_all_healthy(app_client: httpx.AsyncClient) -> None:
-    response = await app_client.get("/api/v1/health")
+    response = await app_client.get("/api/v1/health", headers=OPERATOR)
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "healthy"
@@ -38,7 +38,7 @@ async def test_disabled_dependencies_are_disabled_not_unhealthy(
     settings = make_settings(REDIS_ENABLED=False, KAFKA_ENABLED=False)
     async with running_app(settings) as (app, client):
         assert app.state.redis is None and app.state.kafka is None
-        body = (await client.get("/api/v1/health")).json()
+        body = (await client.get("/api/v1/health", headers=OPERATOR)).json()
         assert body["status"] == "healthy"
         assert body["checks"]["redis"] == {"status": "disabled"}
         # Kafka off still shows the outbox, where events wait for it.

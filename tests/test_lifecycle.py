@@ -27,7 +27,7 @@ from src.config.events import StartupError
 from src.config.settings import Settings
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from tests.conftest import SettingsFactory
-from tests.helpers import assert_no_leftover_tasks, eventually, running_app
+from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
 from tests.servers import KafkaBroker, RedisServer, SilentServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ class _Started:
 
 
 async def _health(client: httpx.AsyncClient) -> dict[str, object]:
-    response = await client.get(HEALTH)
+    response = await client.get(HEALTH, headers=OPERATOR)
     assert response.status_code == 200, response.text
     body: dict[str, object] = response.json()
     return body
@@ -104,7 +104,7 @@ async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
         for name in ("redis", "kafka"):
             assert checks[name]["status"] == "unhealthy", checks[name]
             assert checks[name]["error"], checks[name]
-            single = await client.get(f"{HEALTH}/{name}")
+            single = await client.get(f"{HEALTH}/{name}", headers=OPERATOR)
             assert single.status_code == 503, single.text
             assert single.json()["status"] == "unhealthy" and single.json()["error"]
         ready = await client.get(f"{HEALTH}/ready")
@@ -147,7 +147,12 @@ async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
             assert time.perf_counter() - asked < 2.0
             assert body["status"] == "degraded"
             statuses = _check_statuses(body)
-            assert statuses == {"database": "healthy", "redis": "unhealthy", "kafka": "unhealthy"}
+            assert statuses == {
+                "database": "healthy",
+                "redis": "unhealthy",
+                "kafka": "unhealthy",
+                "mail": "disabled",
+            }
             # Give the supervisor time to be mid-attempt against the silent hosts at shut-down.
             await asyncio.sleep(0.7)
         print(f"shut-down against silent hosts: {started.shutdown_seconds:.2f}s")

@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
-from tests.auth_support import outbox
+from tests.auth_support import one_time_token, outbox
 from tests.conftest import ADMIN_PASSWORD
 from tests.helpers import (
     PASSWORD,
@@ -103,14 +103,18 @@ async def test_patch_full_name_bumps_version(admin_app: AdminApp) -> None:
     assert cleared.json()["full_name"] is None and cleared.json()["version"] == 3
 
 
-async def test_email_change_resets_verification_and_asks_again(admin_app: AdminApp) -> None:
+async def test_admin_email_change_resets_verification_and_asks_again(admin_app: AdminApp) -> None:
+    """An administrator may move someone else's account directly (users move their own through
+    POST /users/me/email, tested in tests/auth/test_account_security.py)."""
     app, client, admin = admin_app
-    user, tokens = await admin_creates_signed_in(client, admin, email_verified=True)
+    user, _ = await admin_creates_signed_in(client, admin, email_verified=True)
     assert user["email_verified"] is True
     assert "user.verification_requested" not in await event_types(app, user["id"])
     new_email = unique_email("moved")
 
-    response = await client.patch(ME, json={"email": new_email.upper()}, headers=bearer(tokens))
+    response = await client.patch(
+        f"{API}/users/{user['id']}", json={"email": new_email.upper()}, headers=admin
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["email"] == new_email  # normalised
@@ -122,7 +126,7 @@ async def test_email_change_resets_verification_and_asks_again(admin_app: AdminA
     assert "email" in updated.payload["changes"]
     request = await last_event(app, user["id"], "user.verification_requested")
     assert request.topic == NOTIFICATIONS
-    assert request.payload["email"] == new_email and request.payload["token"]
+    assert request.payload["email"] == new_email and request.sealed
     assert request.position > updated.position
     # The account signs in with its new address only.
     await login(client, new_email)
@@ -191,26 +195,35 @@ async def test_if_match(admin_app: AdminApp) -> None:
         assert response.json()["version"] == expected
 
 
-async def test_duplicate_email_is_409(app_client: httpx.AsyncClient) -> None:
-    other = await register(app_client)
-    user, auth = await signed_in(app_client)
-    response = await app_client.patch(ME, json={"email": other["email"].upper()}, headers=auth)
-    assert_problem(response, 409)
-    assert (await app_client.get(ME, headers=auth)).json() == user
+async def test_duplicate_email_is_409(admin_app: AdminApp) -> None:
+    _, client, admin = admin_app
+    other = await register(client)
+    user, tokens = await with_tokens(client)
+    auth = bearer(tokens)
+    change = {"new_email": other["email"].upper(), "current_password": PASSWORD}
+    assert_problem(await client.post(f"{ME}/email", json=change, headers=auth), 409)
+    moved = {"email": other["email"]}
+    assert_problem(await client.patch(f"{API}/users/{user['id']}", json=moved, headers=admin), 409)
+    assert (await client.get(ME, headers=auth)).json() == (await fetch(client, admin, user["id"]))
+    assert (await client.get(ME, headers=auth)).json()["email"] == user["email"]
 
 
-async def test_concurrent_email_claims_give_one_winner(app_client: httpx.AsyncClient) -> None:
-    """Two accounts racing for one free address: the unique index decides, the loser gets 409."""
-    _, first = await signed_in(app_client)
-    _, second = await signed_in(app_client)
+async def test_concurrent_email_claims_give_one_winner(admin_app: AdminApp) -> None:
+    """Two accounts confirm a change to one free address at once: the unique index decides,
+    the loser gets 409."""
+    app, client, _ = admin_app
     wanted = unique_email("contested")
-    answers = await asyncio.gather(
-        app_client.patch(ME, json={"email": wanted}, headers=first),
-        app_client.patch(ME, json={"email": wanted}, headers=second),
-    )
+    links = []
+    for _ in range(2):
+        user, tokens = await with_tokens(client)
+        change = {"new_email": wanted, "current_password": PASSWORD}
+        response = await client.post(f"{ME}/email", json=change, headers=bearer(tokens))
+        assert response.status_code == 202, response.text
+        links.append(await one_time_token(app, user["id"], "user.email_change_requested"))
+    confirm = f"{API}/auth/email-change/confirm"
+    answers = await asyncio.gather(*(client.post(confirm, json={"token": t}) for t in links))
     assert sorted(r.status_code for r in answers) == [200, 409], [r.text for r in answers]
-    emails = [(await app_client.get(ME, headers=h)).json()["email"] for h in (first, second)]
-    assert emails.count(wanted) == 1
+    assert [r.json()["email"] for r in answers if r.status_code == 200] == [wanted]
 
 
 # --- DELETE /users/me -----------------------------------------------------------------------------
@@ -221,7 +234,9 @@ async def test_delete_me(admin_app: AdminApp) -> None:
     user, tokens = await with_tokens(client)
     other_session = await login(client, user["email"])
 
-    response = await client.delete(ME, headers=bearer(tokens))
+    response = await client.request(
+        "DELETE", ME, json={"current_password": PASSWORD}, headers=bearer(tokens)
+    )
     assert response.status_code == 204, response.text
     assert response.content == b""
     for token in (tokens, other_session):
@@ -390,7 +405,11 @@ async def test_events_carry_no_secrets(admin_app: AdminApp) -> None:
         data={"grant_type": "password", "username": user["email"], "password": "wrong guess!"},
     )
     assert bad.status_code == 400
-    assert (await client.patch(ME, json={"email": unique_email()}, headers=auth)).status_code == 200
+    moving = {"new_email": unique_email(), "current_password": PASSWORD}
+    assert (await client.post(f"{ME}/email", json=moving, headers=auth)).status_code == 202
+    link = await one_time_token(app, user["id"], "user.email_change_requested")
+    confirmed = await client.post(f"{API}/auth/email-change/confirm", json={"token": link})
+    assert confirmed.status_code == 200, confirmed.text
     changed = await client.post(
         f"{ME}/password",
         json={"current_password": PASSWORD, "new_password": new_password},
@@ -421,6 +440,8 @@ async def test_events_carry_no_secrets(admin_app: AdminApp) -> None:
         "user.updated",
         "user.password_changed",
         "user.password_reset_requested",
+        "user.email_change_requested",
+        "user.email_change_notice",
         "user.role_changed",
         "user.deactivated",
         "user.activated",

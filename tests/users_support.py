@@ -10,6 +10,7 @@ import httpx
 from fastapi import FastAPI
 
 from src.db.models import OutboxEvent
+from src.events.outbox import NOTIFICATION_EVENTS
 
 # Shared with the authentication tests (one definition of each), re-exported for the user tests.
 from tests.auth_support import API as API
@@ -35,7 +36,7 @@ async def last_event(app: FastAPI, user_id: str | uuid.UUID, type_: str) -> Outb
     assert rows, f"no {type_} event for {user_id}; have {await event_types(app, user_id)}"
     row = rows[-1]
     assert str(row.aggregate_id) == str(user_id)
-    expected = NOTIFICATIONS if type_.endswith("_requested") else USER_EVENTS
+    expected = NOTIFICATIONS if type_ in NOTIFICATION_EVENTS else USER_EVENTS
     assert row.topic == expected, (type_, row.topic)
     return row
 
@@ -56,24 +57,22 @@ def keys_anywhere(value: Any) -> set[str]:
 
 
 async def assert_outbox_carries_no_secrets(app: FastAPI, *passwords: str) -> int:
-    """No row carries a password or hash; only notification rows carry a token. Returns the
-    number of rows checked."""
+    """No row carries a password, a hash, or a readable token or link (notifications keep theirs
+    sealed, in a column of their own). Returns the number of rows checked."""
     rows = await outbox(app)
     for row in rows:
-        text = json.dumps(row.payload)
+        text = json.dumps(row.payload) + (row.sealed or "")
         keys = keys_anywhere(row.payload)
         assert not keys & {"password", "password_hash", "hashed_password"}, (row.type, keys)
+        assert not keys & {"token", "url", "refresh_token"}, (row.type, keys)
         assert "$argon2" not in text, row.type
         for password in (PASSWORD, *passwords):
             assert password not in text, row.type
-        if "token" in keys:
-            assert row.type in {
-                "user.verification_requested",
-                "user.password_reset_requested",
-            }, row.type
+        if row.type in NOTIFICATION_EVENTS:
             assert row.topic == NOTIFICATIONS
         else:
             assert row.topic == USER_EVENTS, (row.type, row.topic)
+            assert row.sealed is None, row.type
     return len(rows)
 
 

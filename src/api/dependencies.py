@@ -9,8 +9,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.api.client_address import client_ip
 from src.auth import service as auth_service
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
@@ -42,6 +43,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+    """For work that runs after the response and opens its own session."""
+    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    return sessions
+
+
 def get_redis(request: Request) -> Redis | None:
     return get_redis_from_app(request.app)
 
@@ -51,14 +58,20 @@ def get_kafka(request: Request) -> KafkaManager | None:
 
 
 def get_client_info(request: Request) -> ClientInfo:
-    # Behind a proxy, run uvicorn with --proxy-headers and --forwarded-allow-ips so this is real.
-    host = request.client.host if request.client else "unknown"
-    return ClientInfo(ip=host, user_agent=request.headers.get("user-agent"))
+    settings: Settings = request.app.state.settings
+    ip = client_ip(
+        request.client.host if request.client else None,
+        request.headers.get("x-forwarded-for"),
+        request.headers.get("forwarded"),
+        settings.trusted_proxy_networks,
+    )
+    return ClientInfo(ip=ip, user_agent=request.headers.get("user-agent"))
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SecurityDep = Annotated[Security, Depends(get_security)]
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+SessionMakerDep = Annotated[async_sessionmaker[AsyncSession], Depends(get_sessionmaker)]
 RedisDep = Annotated[Redis | None, Depends(get_redis)]
 KafkaDep = Annotated[KafkaManager | None, Depends(get_kafka)]
 ClientDep = Annotated[ClientInfo, Depends(get_client_info)]

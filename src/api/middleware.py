@@ -1,78 +1,172 @@
-"""ASGI middleware: a limit on request body size (413 before the body is read into memory)."""
+"""ASGI middleware: what every request must pass before any route runs, and headers every
+response carries.
+
+``RequestGuardMiddleware`` refuses, before any work: request headers over a size (431), bodies
+over a size (413, announced or streamed), and a NUL character anywhere in the path, the query, a
+header or the body (400). PostgreSQL cannot store or compare NUL in text, so one reaching a query
+used to be a 500 with a traceback; refusing it here covers every parameter of every operation,
+present and future, in one place.
+
+``SecurityHeadersMiddleware`` adds the headers OWASP recommends for an API to every response that
+does not set its own: no sniffing, no referrer, no framing, a CSP that allows nothing (JSON needs
+nothing), ``Cache-Control: no-store`` (answers are user-specific), and HSTS when the service is
+served over https.
+"""
 
 from __future__ import annotations
 
-from starlette.exceptions import HTTPException
+import re
+from collections.abc import Iterable
+
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.api.errors import problem_response
 
+# A JSON string escape for U+0000 not itself escaped: "\u0000", "\\\u0000", but not "\\u0000".
+_JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_PERCENT_NUL = re.compile(rb"%00")
 
-class _TooLarge(HTTPException):
-    """Raised from ``receive`` while a streamed body is read.
 
-    An HTTPException because FastAPI turns any other error raised while it reads a body into
-    "400 There was an error parsing the body"; this one it re-raises, and the app's handler
-    answers with the 413 problem document.
+def _has_nul(raw: bytes, content_type: str) -> bool:
+    if b"\x00" in raw:
+        return True
+    if "json" in content_type:
+        return _JSON_NUL.search(raw) is not None
+    if "x-www-form-urlencoded" in content_type:
+        return _PERCENT_NUL.search(raw) is not None
+    return False
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class RequestGuardMiddleware:
+    """Header size (431), body size (413) and NUL characters (400), before the app sees any of it.
+
+    The body is read in full before the app runs (it is at most ``max_body_bytes``), so a NUL in
+    it is found before a route starts any work, and the app receives it unchanged.
     """
 
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, _too_large_detail(max_bytes))
-
-
-def _too_large_detail(max_bytes: int) -> str:
-    return f"The request body is larger than {max_bytes} bytes."
-
-
-class BodySizeLimitMiddleware:
-    """Refuse bodies over ``max_bytes``, whether announced by Content-Length or streamed."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_header_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_body_bytes = max_body_bytes
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", []):
+        headers: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        if sum(len(name) + len(value) for name, value in headers) > self.max_header_bytes:
+            await self._reject(scope, receive, send, 431, self._header_detail())
+            return
+        if self._announced_length(headers) > self.max_body_bytes:
+            await self._reject(scope, receive, send, 413, self._body_detail())
+            return
+        if self._nul_outside_body(scope, headers):
+            await self._reject(scope, receive, send, 400, _NUL_DETAIL)
+            return
+        try:
+            body, final = await self._read_body(receive)
+        except _TooLarge:
+            await self._reject(scope, receive, send, 413, self._body_detail())
+            return
+        content_type = dict(headers).get(b"content-type", b"").decode("latin-1").lower()
+        if _has_nul(body, content_type):
+            await self._reject(scope, receive, send, 400, _NUL_DETAIL)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            if final is not None:
+                return final
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _announced_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
+        for name, value in headers:
             if name == b"content-length":
                 try:
-                    too_large = int(value) > self.max_bytes
+                    return int(value)
                 except ValueError:
-                    too_large = False
-                if too_large:
-                    await self._reject(scope, receive, send)
-                    return
+                    return 0
+        return 0
 
-        received = 0
-        response_started = False
+    @staticmethod
+    def _nul_outside_body(scope: Scope, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        if "\x00" in scope.get("path", ""):
+            return True
+        query: bytes = scope.get("query_string", b"")
+        if b"\x00" in query or _PERCENT_NUL.search(query):
+            return True
+        return any(b"\x00" in value for _, value in headers)
 
-        async def limited_receive() -> Message:
-            nonlocal received
+    async def _read_body(self, receive: Receive) -> tuple[bytes, Message | None]:
+        """The whole body, and a disconnect message if one arrived instead of more body."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
-            return message
+            if message["type"] != "http.request":
+                return b"".join(chunks), message
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise _TooLarge
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
+    def _header_detail(self) -> str:
+        return f"The request headers are larger than {self.max_header_bytes} bytes in all."
+
+    def _body_detail(self) -> str:
+        return f"The request body is larger than {self.max_body_bytes} bytes."
+
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
+        response = problem_response(status, detail, instance=scope.get("path"))
+        await response(scope, receive, send)
+
+
+_NUL_DETAIL = "The request contains a NUL character, which no field accepts."
+
+
+class SecurityHeadersMiddleware:
+    """Add the default security headers to every HTTP response that does not set its own."""
+
+    def __init__(self, app: ASGIApp, hsts: bool) -> None:
+        self.app = app
+        self.defaults: list[tuple[str, str]] = [
+            ("X-Content-Type-Options", "nosniff"),
+            ("Referrer-Policy", "no-referrer"),
+            ("X-Frame-Options", "DENY"),
+            ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+            ("Cache-Control", "no-store"),
+        ]
+        if hsts:
+            self.defaults.append(("Strict-Transport-Security", "max-age=31536000"))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                response_started = True
+                headers = MutableHeaders(scope=message)
+                for name, value in self.defaults:
+                    if name not in headers:
+                        headers[name] = value
             await send(message)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not response_started:
-                await self._reject(scope, receive, send)
-
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(
-            413,
-            _too_large_detail(self.max_bytes),
-            instance=scope.get("path"),
-        )
-        await response(scope, receive, send)
+        await self.app(scope, receive, with_headers)

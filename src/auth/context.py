@@ -13,8 +13,9 @@ from fastapi import FastAPI
 
 from src.auth.jwt import AccessTokenCodec, load_signing_key
 from src.auth.passwords import PasswordHasher
-from src.auth.rate_limit import LoginGuard
+from src.auth.rate_limit import LoginGuard, RequestThrottle
 from src.config.settings import Settings
+from src.security.sealing import Sealer, load_sealer
 from src.services.connections import get_redis_from_app
 from src.users.cache import UserCache
 from src.users.schemas import UserPublic
@@ -26,7 +27,9 @@ class Security:
     hasher: PasswordHasher
     tokens: AccessTokenCodec
     guard: LoginGuard
+    throttle: RequestThrottle
     cache: UserCache
+    sealer: Sealer
 
     def close(self) -> None:
         self.hasher.close()
@@ -61,10 +64,12 @@ def build_security(app: FastAPI) -> Security:
         hasher=PasswordHasher(settings),
         tokens=AccessTokenCodec(load_signing_key(settings), settings),
         guard=LoginGuard(settings, lambda: get_redis_from_app(app)),
+        throttle=RequestThrottle(settings, lambda: get_redis_from_app(app)),
         cache=UserCache(
             lambda: get_redis_from_app(app),
             ttl_seconds=settings.CACHE_TTL_SECONDS,
             timeout=settings.HEALTH_CHECK_TIMEOUT,
             on_write_failure=bypass_redis,
         ),
+        sealer=load_sealer(settings),
     )

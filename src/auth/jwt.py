@@ -34,8 +34,6 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519Pri
 PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 
 MIN_RSA_BITS = 2048
-# Clock skew tolerated between this service and whoever checks exp/iat.
-LEEWAY_SECONDS = 10
 REQUIRED_CLAIMS = ["sub", "sid", "iat", "exp", "jti", "iss", "aud"]
 
 _EXPECTED_KEY = {
@@ -244,6 +242,8 @@ class AccessTokenCodec:
         self._issuer = settings.JWT_ISSUER
         self._audience = settings.JWT_AUDIENCE
         self._lifetime = settings.ACCESS_TOKEN_EXPIRE_MINUTES * 60
+        # Clock skew tolerated between the host that issued a token and the one checking it.
+        self._leeway = settings.JWT_LEEWAY_SECONDS
 
     @property
     def signing_key(self) -> SigningKey:
@@ -293,7 +293,7 @@ class AccessTokenCodec:
                 algorithms=[self._key.algorithm],
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=LEEWAY_SECONDS,
+                leeway=self._leeway,
                 options={"require": REQUIRED_CLAIMS, "strict_aud": True},
             )
         except jwt.PyJWTError as exc:

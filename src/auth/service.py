@@ -11,25 +11,28 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.auth.context import Principal, Security
 from src.auth.jwt import TokenError
+from src.auth.rate_limit import LoginDecision
 from src.auth.secrets import hash_token, new_token
 from src.db.models import RefreshToken, User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, NotAuthenticated, NotFound, OAuthError, TooManyRequests
-from src.events.outbox import EventType, record_event
+from src.events.outbox import EventType, record_event, record_notification
 from src.users import repository
+from src.users import service as user_service
 from src.users.cache import SessionState
-from src.users.schemas import SessionPublic, TokenResponse, UserPublic
+from src.users.emails import canonical_email
+from src.users.schemas import SessionPublic, TokenResponse, UserPublic, UserRegister
 from src.users.service import (
     EMAIL_VERIFICATION,
     PASSWORD_RESET,
     commit_change,
     enforce_password_policy,
-    issue_one_time_token,
     record_verification_request,
+    send_one_time_link,
     set_password,
     snapshot,
 )
@@ -42,32 +45,76 @@ _INVALID_CREDENTIALS = "Invalid email or password."
 
 @dataclass(frozen=True)
 class ClientInfo:
+    """Where a request comes from: a parsed IP address (see src.api.client_address)."""
+
     ip: str
     user_agent: str | None
+
+
+def _guard_key(username: str) -> str:
+    """What the login guard counts a username as: its canonical address when it is one."""
+    return canonical_email(username) or username.strip().lower()
+
+
+async def _admit(
+    db: AsyncSession, sec: Security, key: str, user: User | None, client: ClientInfo
+) -> LoginDecision:
+    """Ask the login guard before a password is checked (429 when refused)."""
+
+    async def known_address() -> bool:
+        # The same query whether the account exists or not: its timing reveals nothing.
+        user_id = user.id if user is not None else uuid.uuid4()
+        return (await repository.sign_in_history(db, user_id, client.ip, _known_since(sec)))[1]
+
+    decision = await sec.guard.admit(client.ip, key, known_address)
+    if decision.wait is not None:
+        who = user.id if user is not None else "unknown"
+        audit.warning("password check refused: user=%s ip=%s reason=rate_limited", who, client.ip)
+        raise TooManyRequests(decision.wait)
+    return decision
+
+
+def _known_since(sec: Security) -> datetime:
+    return utcnow() - timedelta(days=sec.settings.LOGIN_KNOWN_ADDRESS_DAYS)
+
+
+async def verify_password(
+    db: AsyncSession, sec: Security, user: User, password: str, client: ClientInfo
+) -> bool:
+    """Check a signed-in user's password under the login guard's limits (a re-authentication),
+    so a stolen access token is no way around them. 429 when the guard refuses."""
+    key = user.email
+    await _admit(db, sec, key, user, client)
+    if not await sec.hasher.verify(user.password_hash, password):
+        audit.info("re-authentication failed: user=%s ip=%s", user.id, client.ip)
+        return False
+    await sec.guard.succeeded(client.ip, key)
+    return True
 
 
 # --- password grant -------------------------------------------------------------------------------
 
 
 async def login(
-    db: AsyncSession, sec: Security, email: str, password: str, client: ClientInfo
+    db: AsyncSession,
+    sec: Security,
+    username: str,
+    password: str,
+    client: ClientInfo,
+    client_id: str | None = None,
 ) -> TokenResponse:
-    account = email.strip().lower()
-    wait = await sec.guard.check(client.ip, account)
-    if wait is not None:
-        audit.warning("login refused: user=unknown ip=%s reason=rate_limited", client.ip)
-        raise TooManyRequests(wait)
+    account = canonical_email(username)
+    user = await repository.get_user_by_email(db, account) if account else None
+    decision = await _admit(db, sec, _guard_key(username), user, client)
 
-    user = await repository.get_user_by_email(db, account)
     if user is None:
         # Spend the same hashing time as a real check so timing does not reveal accounts.
         await sec.hasher.verify_dummy(password)
-        await sec.guard.record_failure(client.ip, account)
         audit.info("login failed: user=unknown ip=%s reason=invalid_credentials", client.ip)
         raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
 
     if not await sec.hasher.verify(user.password_hash, password):
-        locked_for = await sec.guard.record_failure(client.ip, account)
+        locked_for = decision.lock_if_wrong
         record_event(
             db,
             sec.settings,
@@ -93,18 +140,19 @@ async def login(
         audit.info("login failed: user=%s ip=%s reason=inactive", user.id, client.ip)
         raise OAuthError("invalid_grant", "This account is disabled.")
 
-    await sec.guard.record_success(account)
+    await sec.guard.succeeded(client.ip, _guard_key(username))
     rehashed = sec.hasher.needs_rehash(user.password_hash)
     if rehashed:
         # Parameters were raised since this hash was made: upgrade it while we have the password.
         user.password_hash = await sec.hasher.hash(password)
-    session, refresh = await _open_session(db, sec, user, client)
+    await _notice_new_address(db, sec, user, client)
+    session, refresh = await _open_session(db, sec, user, client, client_id)
     record_event(
         db,
         sec.settings,
         EventType.LOGGED_IN,
         user.id,
-        {"id": user.id, "session_id": session.id, "ip": client.ip},
+        {"id": user.id, "session_id": session.id, "ip": client.ip, "client_id": client_id},
     )
     # The upgrade bumps the row's version (optimistic locking), so a cached copy would now
     # serve a stale ETag: drop it like any other change.
@@ -113,8 +161,35 @@ async def login(
     return _token_response(sec, user, session, refresh)
 
 
-async def _open_session(
+async def _notice_new_address(
     db: AsyncSession, sec: Security, user: User, client: ClientInfo
+) -> None:
+    """Mail the user when a sign-in comes from an address it has not used lately (not on the
+    very first sign-in: that one the user expects)."""
+    if not sec.settings.NOTIFY_NEW_SIGN_IN:
+        return
+    ever, from_here = await repository.sign_in_history(db, user.id, client.ip, _known_since(sec))
+    if not ever or from_here:
+        return
+    record_notification(
+        db,
+        sec.settings,
+        sec.sealer,
+        EventType.NEW_SIGN_IN,
+        user.id,
+        {
+            "user_id": user.id,
+            "email": user.email,
+            "full_name": user.full_name,
+            "ip": client.ip,
+            "user_agent": client.user_agent,
+            "time": utcnow(),
+        },
+    )
+
+
+async def _open_session(
+    db: AsyncSession, sec: Security, user: User, client: ClientInfo, client_id: str | None
 ) -> tuple[UserSession, str]:
     now = utcnow()
     absolute = now + timedelta(days=sec.settings.SESSION_MAX_LIFETIME_DAYS)
@@ -128,6 +203,7 @@ async def _open_session(
         absolute_expires_at=absolute,
         ip_address=client.ip,
         user_agent=(client.user_agent or "")[:512] or None,
+        client_id=client_id,
     )
     db.add(session)
     # The tables have no ORM relationships, so the session row must exist before its token's.
@@ -160,9 +236,17 @@ def _token_response(
 
 
 async def refresh(
-    db: AsyncSession, sec: Security, refresh_token: str, client: ClientInfo
+    db: AsyncSession,
+    sec: Security,
+    refresh_token: str,
+    client: ClientInfo,
+    client_id: str | None = None,
 ) -> TokenResponse:
-    """Rotate the refresh token; a token presented twice ends its whole session (reuse)."""
+    """Rotate the refresh token; a token presented twice ends its whole session (reuse).
+
+    A refresh token works only for the client that obtained it (RFC 9700 section 4.14): one
+    stolen from a client is useless to another.
+    """
     invalid = OAuthError("invalid_grant", "The refresh token is invalid or expired.")
     row = await repository.get_refresh_token(db, hash_token(refresh_token))
     if row is None:
@@ -182,6 +266,11 @@ async def refresh(
             session.user_id,
             client.ip,
             session.id,
+        )
+        raise invalid
+    if session.client_id != client_id:
+        audit.warning(
+            "refresh failed: user=%s ip=%s reason=wrong_client", session.user_id, client.ip
         )
         raise invalid
     if session.revoked_at is not None or session.expires_at <= now:
@@ -279,32 +368,44 @@ async def revoke_session(
 # --- password reset and email verification --------------------------------------------------------
 
 
-async def request_password_reset(db: AsyncSession, sec: Security, email: str) -> None:
-    """Always succeeds from the caller's view: whether the account exists is never revealed."""
-    user = await repository.get_user_by_email(db, email)
-    if user is None or not user.is_active:
-        logger.info("password reset requested for no active account")
-        return
-    now = utcnow()
-    await repository.spend_one_time_tokens(db, user.id, PASSWORD_RESET, now)
-    token, row = issue_one_time_token(db, sec, user, PASSWORD_RESET)
-    record_event(
-        db,
-        sec.settings,
-        EventType.PASSWORD_RESET_REQUESTED,
-        user.id,
-        {
-            "user_id": user.id,
-            "email": user.email,
-            "full_name": user.full_name,
-            "token": token,
-            # Built from configuration, never from the request's Host header.
-            "url": f"{sec.settings.PUBLIC_BASE_URL.rstrip('/')}/reset-password?token={token}",
-            "expires_at": row.expires_at,
-        },
+async def register(db: AsyncSession, sec: Security, body: UserRegister, client: ClientInfo) -> User:
+    """Self-registration, throttled per client address and per address registered (429)."""
+    wait = await sec.throttle.hit("register", client.ip, body.email)
+    if wait is not None:
+        audit.warning("registration refused: ip=%s reason=rate_limited", client.ip)
+        raise TooManyRequests(wait)
+    return await user_service.create_user(
+        db, sec, email=body.email, password=body.password, full_name=body.full_name
     )
-    await db.commit()
+
+
+async def request_password_reset(
+    sessions: async_sessionmaker[AsyncSession], sec: Security, email: str, client: ClientInfo
+) -> None:
+    """Mail a reset link if the address has an active account.
+
+    Runs after the response (the endpoint always answers 202 at once), so neither the answer nor
+    its timing tells whether the account exists, nor whether the request was throttled.
+    """
+    if await _throttled(sec, "password_reset", email, client):
+        return
+    async with sessions() as db:
+        user = await repository.get_user_by_email(db, email)
+        if user is None or not user.is_active:
+            logger.info("password reset requested for no active account")
+            return
+        await send_one_time_link(
+            db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"
+        )
+        await db.commit()
     logger.info("password reset requested: user=%s", user.id)
+
+
+async def _throttled(sec: Security, action: str, email: str, client: ClientInfo) -> bool:
+    wait = await sec.throttle.hit(action, client.ip, email)
+    if wait is not None:
+        logger.warning("%s request dropped: ip=%s reason=rate_limited", action, client.ip)
+    return wait is not None
 
 
 async def _spend_token(db: AsyncSession, token: str, purpose: str) -> User:
@@ -326,15 +427,20 @@ async def confirm_password_reset(
     user = await _spend_token(db, token, PASSWORD_RESET)
     enforce_password_policy(new_password, user.email)
     await set_password(db, sec, user, new_password, reason="reset")
-    await sec.guard.record_success(user.email)
 
 
-async def request_email_verification(db: AsyncSession, sec: Security, email: str) -> None:
-    user = await repository.get_user_by_email(db, email)
-    if user is None or not user.is_active or user.email_verified:
+async def request_email_verification(
+    sessions: async_sessionmaker[AsyncSession], sec: Security, email: str, client: ClientInfo
+) -> None:
+    """Mail a new verification link; runs after the response, like a reset request."""
+    if await _throttled(sec, "verification", email, client):
         return
-    await record_verification_request(db, sec, user)
-    await db.commit()
+    async with sessions() as db:
+        user = await repository.get_user_by_email(db, email)
+        if user is None or not user.is_active or user.email_verified:
+            return
+        await record_verification_request(db, sec, user)
+        await db.commit()
 
 
 async def confirm_email_verification(db: AsyncSession, sec: Security, token: str) -> User:

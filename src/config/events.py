@@ -1,7 +1,8 @@
 """Start-up and shut-down, wired through FastAPI's ``lifespan``.
 
-Order (DESIGN.md): database first (the only dependency whose absence stops start-up), then Redis,
-then Kafka, then background tasks. Shut-down runs in reverse.
+Order (README.md, "Start-up, shut-down and degradation"): database first (the only dependency
+whose absence stops start-up), then Redis, then Kafka, then background tasks. Shut-down runs in
+reverse.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from src.config.settings import Settings
 from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
 from src.events.audit import AuditConsumer
 from src.events.outbox import OUTBOX_SIGNAL
-from src.events.relay import OutboxRelay
+from src.events.relay import OutboxRelay, keep_outbox_tidy
+from src.mail.courier import Courier
 from src.services.connections import (
     close_kafka_connection,
     close_redis_connection,
@@ -87,16 +89,34 @@ async def on_startup(app: FastAPI) -> None:
 
 
 def _start_event_pipeline(app: FastAPI, settings: Settings) -> None:
-    """The outbox relay and the audit consumer; both wait quietly while Kafka is unavailable."""
-    if not settings.KAFKA_ENABLED:
-        return
+    """The outbox relay, the audit consumer and the mail courier; they wait quietly while Kafka
+    is unavailable (the courier reads the outbox itself when Kafka is off)."""
 
     def kafka() -> KafkaManager | None:
         return get_kafka_from_app(app)
 
+    tasks = app.state.background_tasks
+    if settings.mail_enabled and settings.MAIL_COURIER_IN_PROCESS:
+        courier = Courier(
+            settings,
+            app.state.sessionmaker,
+            app.state.security.sealer,
+            kafka=kafka,
+            signal=app.state.outbox_signal,
+        )
+        app.state.courier = courier
+        tasks.append(asyncio.create_task(courier.run(), name="mail-courier"))
+    if not settings.KAFKA_ENABLED:
+        # No relay to prune published rows and expired sealed links: tidy on a timer instead.
+        app.state.background_tasks.append(
+            asyncio.create_task(
+                keep_outbox_tidy(app.state.sessionmaker, settings), name="outbox-housekeeping"
+            )
+        )
+        return
+
     relay = OutboxRelay(settings, app.state.sessionmaker, kafka, app.state.outbox_signal)
     app.state.relay = relay
-    tasks = app.state.background_tasks
     tasks.append(asyncio.create_task(relay.run(), name="outbox-relay"))
     if settings.AUDIT_CONSUMER_ENABLED:
         consumer = AuditConsumer(settings, app.state.sessionmaker, kafka)

@@ -72,6 +72,12 @@ class UserSession(Base):
     revoked_reason: Mapped[str | None] = mapped_column(String(32))
     ip_address: Mapped[str | None] = mapped_column(String(45))
     user_agent: Mapped[str | None] = mapped_column(String(512))
+    # The OAuth client that signed in (``client_id``); its refresh tokens work for it alone.
+    client_id: Mapped[str | None] = mapped_column(String(255))
+
+
+# "Has this address signed in to this account lately?" is asked on every throttled login.
+Index("ix_sessions_user_id_ip_address", UserSession.user_id, UserSession.ip_address)
 
 
 class RefreshToken(Base):
@@ -89,11 +95,15 @@ class RefreshToken(Base):
 
 
 class OneTimeToken(Base):
-    """Single-use, expiring tokens for password reset and email verification (stored hashed)."""
+    """Single-use, expiring tokens sent by mail (stored hashed): password reset, email
+    verification, confirming a new email address, and undoing an email change."""
 
     __tablename__ = "one_time_tokens"
     __table_args__ = (
-        CheckConstraint("purpose IN ('password_reset', 'email_verification')", name="purpose"),
+        CheckConstraint(
+            "purpose IN ('password_reset', 'email_verification', 'email_change', 'email_undo')",
+            name="purpose",
+        ),
     )
 
     token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -104,6 +114,8 @@ class OneTimeToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The address the token is about: the new one (email_change) or the old one (email_undo).
+    email: Mapped[str | None] = mapped_column(String(320))
 
 
 class OutboxEvent(Base):
@@ -122,6 +134,10 @@ class OutboxEvent(Base):
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # Notifications only: the one-time token and link, sealed (src.security.sealing) so a database
+    # reader cannot use them; set to NULL once published, delivered or expired.
+    sealed: Mapped[str | None] = mapped_column(Text)
+    sealed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 Index(
@@ -153,3 +169,19 @@ class AuditEvent(Base):
 
 
 Index("ix_audit_events_user_position", AuditEvent.user_id, AuditEvent.position)
+
+
+class MailDelivery(Base):
+    """One notification the courier handled, by event id: how each is mailed at most once."""
+
+    __tablename__ = "mail_deliveries"
+
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    # sent | failed (gave up after MAIL_MAX_ATTEMPTS, or refused for good) | skipped (expired,
+    # unreadable, or nobody to send to)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -67,7 +67,7 @@ async def _shut(consumer: Any, joined: bool, timeout: float) -> None:
         except (Exception, asyncio.CancelledError):
             # Timed out, or stop() gave up half-way: with the broker lost mid-fetch it re-raises
             # the cancellation of one of its own fetch tasks and never closes its client.
-            logger.debug("audit consumer did not stop cleanly", exc_info=True)
+            logger.debug("Kafka consumer did not stop cleanly", exc_info=True)
     # Not in a group (a join in progress waits for the broker's answer, which tansu delays by
     # half the session timeout), or stop() gave up: end its tasks and close its connections.
     tasks = _running_tasks(consumer)
@@ -79,7 +79,7 @@ async def _shut(consumer: Any, joined: bool, timeout: float) -> None:
     consumer._closed = True
 
 
-async def _close_consumer(consumer: Any, joined: bool, timeout: float) -> None:
+async def close_consumer(consumer: Any, joined: bool, timeout: float) -> None:
     """Close a consumer for good, in bounded time, whatever state it was left in.
 
     Without this, an interrupted join or an aiokafka ``stop()`` that gives up half-way leaves the
@@ -142,7 +142,7 @@ class AuditConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.RECONNECT_BACKOFF_MAX)
             finally:
-                await _close_consumer(consumer, joined, self.settings.KAFKA_CONNECT_TIMEOUT * 2)
+                await close_consumer(consumer, joined, self.settings.KAFKA_CONNECT_TIMEOUT * 2)
 
     async def _consume(self, consumer: Any) -> None:
         while True:

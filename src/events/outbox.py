@@ -7,18 +7,20 @@ with the change it describes. Nothing here talks to Kafka: a background relay pu
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from src.config.settings import Settings
 from src.db.models import OutboxEvent
+from src.security.sealing import Sealer, UnsealError
 
 
 class EventType(StrEnum):
@@ -32,16 +34,29 @@ class EventType(StrEnum):
     DELETED = "user.deleted"
     LOGGED_IN = "user.logged_in"
     LOGIN_FAILED = "user.login_failed"
+    # Notifications: what the courier mails (see NOTIFICATION_EVENTS).
     VERIFICATION_REQUESTED = "user.verification_requested"
     PASSWORD_RESET_REQUESTED = "user.password_reset_requested"
+    EMAIL_CHANGE_REQUESTED = "user.email_change_requested"
+    EMAIL_CHANGE_NOTICE = "user.email_change_notice"
+    NEW_SIGN_IN = "user.new_sign_in"
 
 
-# These carry a one-time token for the mail sender, so they go to a topic of their own whose
-# access can be restricted; no other event carries a secret.
+# Messages for a person rather than facts for other services: they name the recipient
+# (``data.email``) and some carry a one-time link, so they go to a topic of their own whose access
+# can be restricted. The link travels sealed (``data.sealed``), never readable.
 NOTIFICATION_EVENTS = frozenset(
-    {EventType.VERIFICATION_REQUESTED, EventType.PASSWORD_RESET_REQUESTED}
+    {
+        EventType.VERIFICATION_REQUESTED,
+        EventType.PASSWORD_RESET_REQUESTED,
+        EventType.EMAIL_CHANGE_REQUESTED,
+        EventType.EMAIL_CHANGE_NOTICE,
+        EventType.NEW_SIGN_IN,
+    }
 )
-_FORBIDDEN_KEYS = frozenset({"password", "password_hash", "hashed_password", "refresh_token"})
+_FORBIDDEN_KEYS = frozenset(
+    {"password", "password_hash", "hashed_password", "refresh_token", "token", "url", "sealed"}
+)
 
 
 # Sessions carry the relay's wake-up signal in ``info`` (set on the sessionmaker at start-up).
@@ -80,8 +95,6 @@ def record_event(
     leaked = _FORBIDDEN_KEYS.intersection(data)
     if leaked:
         raise ValueError(f"event data must not carry secrets: {sorted(leaked)}")
-    if "token" in data and event_type not in NOTIFICATION_EVENTS:
-        raise ValueError("only notification events may carry a token")
     outbox_row = OutboxEvent(
         id=uuid.uuid4(),
         topic=topic_for(event_type, settings),
@@ -93,6 +106,52 @@ def record_event(
     db.add(outbox_row)
     db.info[_DIRTY] = True
     return outbox_row
+
+
+def record_notification(
+    db: AsyncSession,
+    settings: Settings,
+    sealer: Sealer,
+    event_type: EventType,
+    user_id: uuid.UUID,
+    data: dict[str, Any],
+    *,
+    secret: dict[str, str] | None = None,
+    secret_expires_at: datetime | None = None,
+) -> OutboxEvent:
+    """Record a notification; ``secret`` (the one-time token and link) is stored sealed, bound to
+    this event's id, and dropped once published, delivered or past ``secret_expires_at``."""
+    if event_type not in NOTIFICATION_EVENTS:
+        raise ValueError(f"{event_type} is not a notification")
+    row = record_event(db, settings, event_type, user_id, data)
+    if secret is not None:
+        row.sealed = sealer.seal(json.dumps(secret).encode(), _associated_data(row.id))
+        row.sealed_until = secret_expires_at
+    return row
+
+
+def open_secret(sealer: Sealer, event_id: uuid.UUID, sealed: str) -> dict[str, str]:
+    """The secret of a notification (``UnsealError`` if it is not this event's)."""
+    opened = json.loads(sealer.unseal(sealed, _associated_data(event_id)))
+    if not isinstance(opened, dict):
+        raise UnsealError("not a notification secret")
+    return {str(key): str(value) for key, value in opened.items()}
+
+
+def _associated_data(event_id: uuid.UUID) -> bytes:
+    return f"ums-notification:{event_id}".encode()
+
+
+async def purge_expired_secrets(db: AsyncSession, now: datetime) -> int:
+    """Forget sealed secrets whose links have expired (nobody can use them any more)."""
+    result = await db.execute(
+        update(OutboxEvent)
+        .where(OutboxEvent.sealed_until < now)
+        .values(sealed=None, sealed_until=None),
+        execution_options={"synchronize_session": False},
+    )
+    count: int = getattr(result, "rowcount", 0) or 0
+    return count
 
 
 async def outbox_backlog(db: AsyncSession) -> tuple[int, datetime | None]:

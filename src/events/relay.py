@@ -28,6 +28,7 @@ from src.config.settings import Settings
 from src.db.models import OutboxEvent
 from src.db.types import utcnow
 from src.events.envelope import envelope_for
+from src.events.outbox import purge_expired_secrets
 from src.services.kafka.manager import (
     KafkaManager,
     KafkaSendTimeout,
@@ -127,7 +128,14 @@ class OutboxRelay:
             await db.execute(
                 update(OutboxEvent)
                 .where(OutboxEvent.position.in_(positions))
-                .values(published_at=utcnow(), attempts=OutboxEvent.attempts + 1, last_error=None),
+                .values(
+                    published_at=utcnow(),
+                    attempts=OutboxEvent.attempts + 1,
+                    last_error=None,
+                    # The sealed link now lives in the notifications topic; not here as well.
+                    sealed=None,
+                    sealed_until=None,
+                ),
                 execution_options={"synchronize_session": False},
             )
             await db.commit()
@@ -181,6 +189,8 @@ class OutboxRelay:
 
     def _message(self, row: OutboxEvent) -> OutgoingMessage:
         envelope = envelope_for(row, self.settings.EVENT_SOURCE)
+        if row.sealed is not None:
+            envelope.data = {**envelope.data, "sealed": row.sealed}
         return OutgoingMessage(
             topic=row.topic,
             key=str(row.aggregate_id),
@@ -216,21 +226,41 @@ class OutboxRelay:
         await self.prune()
 
     async def prune(self) -> int:
-        """Delete rows published more than ``OUTBOX_RETENTION_HOURS`` ago; return how many.
+        """Delete rows published more than ``OUTBOX_RETENTION_HOURS`` ago; return how many."""
+        return await prune_outbox(self.sessionmaker, self.settings)
 
-        Unpublished rows are never deleted, however old: they are events still owed to Kafka.
-        """
-        cutoff = utcnow() - timedelta(hours=self.settings.OUTBOX_RETENTION_HOURS)
-        async with self.sessionmaker() as db:
-            result = await db.execute(
-                delete(OutboxEvent).where(OutboxEvent.published_at < cutoff),
-                execution_options={"synchronize_session": False},
-            )
-            await db.commit()
-        deleted: int = getattr(result, "rowcount", 0) or 0
-        if deleted:
-            logger.info("outbox relay: pruned %d published events", deleted)
-        return deleted
+
+async def prune_outbox(sessionmaker: async_sessionmaker[AsyncSession], settings: Settings) -> int:
+    """Delete rows published more than ``OUTBOX_RETENTION_HOURS`` ago, and forget sealed links
+    that have expired; return how many rows were deleted.
+
+    Unpublished rows are never deleted, however old: they are events still owed to Kafka.
+    """
+    now = utcnow()
+    cutoff = now - timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
+    async with sessionmaker() as db:
+        result = await db.execute(
+            delete(OutboxEvent).where(OutboxEvent.published_at < cutoff),
+            execution_options={"synchronize_session": False},
+        )
+        purged = await purge_expired_secrets(db, now)
+        await db.commit()
+    deleted: int = getattr(result, "rowcount", 0) or 0
+    if deleted or purged:
+        logger.info("outbox: pruned %d published events, %d expired links", deleted, purged)
+    return deleted
+
+
+async def keep_outbox_tidy(
+    sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
+) -> None:
+    """Prune on a timer when no relay runs in this process (``KAFKA_ENABLED=false``)."""
+    while True:
+        try:
+            await prune_outbox(sessionmaker, settings)
+        except Exception as exc:  # noqa: BLE001 - tidying is retried at the next interval
+            logger.warning("outbox pruning failed (%s)", type(exc).__name__)
+        await asyncio.sleep(_PRUNE_EVERY_SECONDS)
 
 
 async def _main() -> None:

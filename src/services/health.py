@@ -20,6 +20,7 @@ from src.config.settings import Settings
 from src.db.session import check_database, migration_status
 from src.db.types import utcnow
 from src.events.outbox import outbox_backlog
+from src.mail.sender import check_smtp
 from src.services.redis_client import ping
 
 
@@ -44,7 +45,8 @@ class CheckResult(BaseModel):
 
 class HealthReport(BaseModel):
     status: OverallStatus
-    version: str
+    # Operators only, like every detail below the statuses.
+    version: str | None = None
     checks: dict[str, CheckResult]
 
 
@@ -130,20 +132,63 @@ async def _outbox_details(app: FastAPI, timeout: float) -> dict[str, Any] | None
     return details
 
 
+class _ReusedProbe:
+    """One SMTP conversation answers every health request for a few seconds.
+
+    Health is public, and every other check costs only our own servers; an SMTP conversation per
+    request would let anyone make us hammer the mail provider, which may then throttle or block
+    our real mail. Concurrent requests share the probe in flight.
+    """
+
+    def __init__(self, reuse_seconds: float) -> None:
+        self._reuse = reuse_seconds
+        self._task: asyncio.Task[CheckResult] | None = None
+        self._at = 0.0
+
+    async def result(self, run: Callable[[], Awaitable[CheckResult]]) -> CheckResult:
+        if self._task is None or (self._task.done() and time.monotonic() - self._at > self._reuse):
+            self._task, self._at = asyncio.ensure_future(run()), time.monotonic()
+        return (await asyncio.shield(self._task)).model_copy()
+
+
+SMTP_PROBE_REUSE_SECONDS = 10.0
+
+
+async def check_mail_health(app: FastAPI) -> CheckResult:
+    """A live SMTP conversation (connect, TLS as configured, EHLO, QUIT), reused for
+    ``SMTP_PROBE_REUSE_SECONDS``, plus the counters of the courier running in this process."""
+    settings: Settings = app.state.settings
+    courier = getattr(app.state, "courier", None)
+    if not settings.mail_enabled:
+        result = CheckResult(status=CheckStatus.DISABLED)
+    else:
+        probe = getattr(app.state, "smtp_probe", None)
+        if probe is None:
+            probe = app.state.smtp_probe = _ReusedProbe(SMTP_PROBE_REUSE_SECONDS)
+        timeout = settings.HEALTH_CHECK_TIMEOUT
+        result = await probe.result(lambda: _run(lambda: check_smtp(settings, timeout), timeout))
+    if courier is not None:
+        result.details = {"courier": courier.stats()}
+    return result
+
+
 async def health_report(app: FastAPI) -> HealthReport:
-    database, redis, kafka = await asyncio.gather(
-        check_database_health(app), check_redis_health(app), check_kafka_health(app)
+    database, redis, kafka, mail = await asyncio.gather(
+        check_database_health(app),
+        check_redis_health(app),
+        check_kafka_health(app),
+        check_mail_health(app),
     )
     if database.status is CheckStatus.UNHEALTHY:
         overall = OverallStatus.UNHEALTHY
-    elif CheckStatus.UNHEALTHY in (redis.status, kafka.status):
+    elif CheckStatus.UNHEALTHY in (redis.status, kafka.status, mail.status):
         overall = OverallStatus.DEGRADED
     else:
         overall = OverallStatus.HEALTHY
     return HealthReport(
         status=overall,
         version=__version__,
-        checks={"database": database, "redis": redis, "kafka": kafka},
+        checks={"database": database, "redis": redis, "kafka": kafka, "mail": mail},
     )
 
 

@@ -113,6 +113,23 @@ async def list_active_sessions(
     return (await db.execute(query)).scalars().all()
 
 
+async def sign_in_history(
+    db: AsyncSession, user_id: uuid.UUID, ip: str, since: datetime
+) -> tuple[bool, bool]:
+    """(has the user ever signed in, has ``ip`` used a session of the user since ``since``).
+
+    A session's address and last use move with every refresh, so "used from here lately" also
+    covers a device that stays signed in.
+    """
+    from_here = (UserSession.ip_address == ip) & (UserSession.last_used_at >= since)
+    query = select(
+        select(UserSession.id).where(UserSession.user_id == user_id).exists(),
+        select(UserSession.id).where(UserSession.user_id == user_id, from_here).exists(),
+    )
+    ever, recently = (await db.execute(query)).one()
+    return bool(ever), bool(recently)
+
+
 async def revoke_sessions(
     db: AsyncSession,
     user_id: uuid.UUID,
@@ -150,6 +167,11 @@ async def get_one_time_token(
         .with_for_update()
     )
     return (await db.execute(query)).scalar_one_or_none()
+
+
+async def email_taken(db: AsyncSession, email: str) -> bool:
+    query = select(select(User.id).where(User.email == email).exists())
+    return bool((await db.execute(query)).scalar())
 
 
 async def spend_one_time_tokens(

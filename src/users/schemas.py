@@ -10,22 +10,31 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
-    EmailStr,
     Field,
     StringConstraints,
     field_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from src.users.emails import MAX_LENGTH as MAX_EMAIL_LENGTH
+from src.users.emails import canonical_email
+
 Role = Literal["user", "admin"]
 
 
-def normalize_email(email: str) -> str:
-    """Case-insensitive identity: one account per address whatever its capitalisation."""
-    return email.strip().lower()
+def _email(value: str) -> str:
+    canonical = canonical_email(value)
+    if canonical is None:
+        raise ValueError("value is not a valid email address")
+    return canonical
 
 
-Email = Annotated[EmailStr, Field(max_length=320), AfterValidator(normalize_email)]
+# One account per address whatever its capitalisation or Unicode form (see src.users.emails).
+Email = Annotated[
+    str,
+    Field(max_length=MAX_EMAIL_LENGTH, json_schema_extra={"format": "email"}),
+    AfterValidator(_email),
+]
 # Length limits here only stop abuse; the password policy (8-128 after NFKC) gives the clear 422.
 Password = Annotated[str, Field(min_length=1, max_length=1024)]
 FullName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -74,23 +83,39 @@ def _not_null(value: Any) -> Any:
 class UserUpdateMe(WriteModel):
     """A partial update: only the fields sent change; ``full_name`` may be cleared with null."""
 
-    email: Email | SkipJsonSchema[None] = None
     full_name: FullName | None = None
+    # Not documented here: accepted only to answer with a pointer to POST /users/me/email.
+    email: SkipJsonSchema[Email | None] = None
 
     _email_not_null = field_validator("email")(_not_null)
 
 
-class UserUpdate(UserUpdateMe):
+class UserUpdate(WriteModel):
+    """An administrator's partial update of any account."""
+
+    email: Email | SkipJsonSchema[None] = None
+    full_name: FullName | None = None
     role: Role | SkipJsonSchema[None] = None
     is_active: bool | SkipJsonSchema[None] = None
     email_verified: bool | SkipJsonSchema[None] = None
 
-    _flags_not_null = field_validator("role", "is_active", "email_verified")(_not_null)
+    _not_null = field_validator("email", "role", "is_active", "email_verified")(_not_null)
 
 
 class PasswordChange(WriteModel):
     current_password: Password
     new_password: Password
+
+
+class CurrentPassword(WriteModel):
+    """The proof of identity a sensitive change needs on top of the access token."""
+
+    current_password: Password
+
+
+class EmailChange(WriteModel):
+    new_email: Email
+    current_password: Password
 
 
 class EmailRequest(WriteModel):

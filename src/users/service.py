@@ -21,18 +21,18 @@ from sqlalchemy.orm.exc import StaleDataError
 from src.auth.context import Principal, Security
 from src.auth.passwords import PasswordPolicyError, check_password_policy
 from src.auth.secrets import hash_token, new_token
+from src.config.settings import Settings
 from src.db.models import OneTimeToken, User
 from src.db.types import utcnow
 from src.errors import (
     Conflict,
-    DomainError,
     InvalidInput,
     NotFound,
     PreconditionFailed,
-    TooManyRequests,
 )
-from src.events.outbox import EventType, record_event
+from src.events.outbox import EventType, record_event, record_notification
 from src.users import repository
+from src.users.emails import confusable_reason
 from src.users.schemas import UserPublic
 
 logger = logging.getLogger(__name__)
@@ -68,45 +68,94 @@ async def commit_change(
     await sec.cache.invalidate(user_ids, session_ids)
 
 
+EMAIL_CHANGE = "email_change"
+EMAIL_UNDO = "email_undo"
+
+
+def _lifetime(settings: Settings, purpose: str) -> timedelta:
+    if purpose == PASSWORD_RESET:
+        return timedelta(minutes=settings.PASSWORD_RESET_TOKEN_EXPIRE_MINUTES)
+    if purpose == EMAIL_CHANGE:
+        return timedelta(hours=settings.EMAIL_CHANGE_TOKEN_EXPIRE_HOURS)
+    if purpose == EMAIL_UNDO:
+        return timedelta(hours=settings.EMAIL_CHANGE_UNDO_EXPIRE_HOURS)
+    return timedelta(hours=settings.EMAIL_VERIFICATION_TOKEN_EXPIRE_HOURS)
+
+
 def issue_one_time_token(
-    db: AsyncSession, sec: Security, user: User, purpose: str
+    db: AsyncSession, sec: Security, user: User, purpose: str, email: str | None = None
 ) -> tuple[str, OneTimeToken]:
-    """A fresh single-use token; only its hash is stored."""
+    """A fresh single-use token; only its hash is stored. ``email``: the address it is about."""
     token = new_token()
-    lifetime = (
-        timedelta(minutes=sec.settings.PASSWORD_RESET_TOKEN_EXPIRE_MINUTES)
-        if purpose == PASSWORD_RESET
-        else timedelta(hours=sec.settings.EMAIL_VERIFICATION_TOKEN_EXPIRE_HOURS)
-    )
+    now = utcnow()
     row = OneTimeToken(
         token_hash=hash_token(token),
         user_id=user.id,
         purpose=purpose,
-        created_at=utcnow(),
-        expires_at=utcnow() + lifetime,
+        created_at=now,
+        expires_at=now + _lifetime(sec.settings, purpose),
+        email=email,
     )
     db.add(row)
     return token, row
 
 
-async def record_verification_request(db: AsyncSession, sec: Security, user: User) -> None:
-    """Issue a verification link for the user's current address; earlier links stop working."""
-    await repository.spend_one_time_tokens(db, user.id, EMAIL_VERIFICATION, utcnow())
-    token, row = issue_one_time_token(db, sec, user, EMAIL_VERIFICATION)
-    record_event(
+def link(settings: Settings, path: str, token: str) -> str:
+    """A link for a mail, built from configuration, never from the request's Host header."""
+    return f"{settings.PUBLIC_BASE_URL.rstrip('/')}/{path}?token={token}"
+
+
+async def send_one_time_link(
+    db: AsyncSession,
+    sec: Security,
+    user: User,
+    event_type: EventType,
+    purpose: str,
+    path: str,
+    *,
+    to: str | None = None,
+    about: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Issue a token for ``purpose`` (earlier ones of that purpose stop working) and record the
+    notification that mails its link to ``to`` (the account's address by default)."""
+    await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
+    token, row = issue_one_time_token(db, sec, user, purpose, email=about)
+    record_notification(
         db,
         sec.settings,
-        EventType.VERIFICATION_REQUESTED,
+        sec.sealer,
+        event_type,
         user.id,
         {
             "user_id": user.id,
-            "email": user.email,
+            "email": to or user.email,
             "full_name": user.full_name,
-            "token": token,
-            "url": f"{sec.settings.PUBLIC_BASE_URL.rstrip('/')}/verify-email?token={token}",
+            **(extra or {}),
             "expires_at": row.expires_at,
         },
+        secret={"token": token, "url": link(sec.settings, path, token)},
+        secret_expires_at=row.expires_at,
     )
+
+
+async def record_verification_request(db: AsyncSession, sec: Security, user: User) -> None:
+    """Issue a verification link for the user's current address; earlier links stop working."""
+    await send_one_time_link(
+        db, sec, user, EventType.VERIFICATION_REQUESTED, EMAIL_VERIFICATION, "verify-email"
+    )
+
+
+def ensure_address_allowed(settings: Settings, email: str) -> None:
+    """Refuse look-alike addresses for new accounts and changed addresses, when so configured."""
+    if not settings.EMAIL_REFUSE_CONFUSABLE:
+        return
+    reason = confusable_reason(email)
+    if reason is not None:
+        raise InvalidInput(
+            f"This email address is not accepted: {reason}.",
+            errors=[{"loc": ["body", "email"], "msg": f"not accepted: {reason}"}],
+        )
 
 
 async def create_user(
@@ -121,8 +170,9 @@ async def create_user(
     email_verified: bool = False,
     actor_id: uuid.UUID | None = None,
 ) -> User:
+    ensure_address_allowed(sec.settings, email)
     enforce_password_policy(password, email)
-    if await repository.get_user_by_email(db, email) is not None:
+    if await repository.email_taken(db, email):
         raise Conflict("An account with this email already exists.")
     now = utcnow()
     user = User(
@@ -179,7 +229,15 @@ async def update_user(
     if not changes:
         return user
     if "email" in changes:
-        if await repository.get_user_by_email(db, changes["email"]) is not None:
+        if actor.id == user.id:
+            # A stolen access token must not be enough to move the account to another address.
+            raise InvalidInput(
+                "Change your own email with POST /api/v1/users/me/email: it needs your current "
+                "password and takes effect once the new address confirms it.",
+                errors=[{"loc": ["body", "email"], "msg": "use POST /api/v1/users/me/email"}],
+            )
+        ensure_address_allowed(sec.settings, changes["email"])
+        if await repository.email_taken(db, changes["email"]):
             raise Conflict("An account with this email already exists.")
         changes.setdefault("email_verified", False)
     demoted = changes.get("role", "admin") != "admin" or changes.get("is_active", True) is False
@@ -231,36 +289,6 @@ async def update_user(
 async def ensure_not_last_admin(db: AsyncSession) -> None:
     if await repository.lock_active_admins(db) <= 1:
         raise Conflict("This is the last active admin; promote another admin first.")
-
-
-async def change_password(
-    db: AsyncSession,
-    sec: Security,
-    principal: Principal,
-    current: str,
-    new: str,
-    *,
-    ip: str,
-) -> None:
-    """Needs the current password; ends every other session of the user.
-
-    Guessing the current password goes through the login guard, so a stolen access token is no
-    way around the brute-force limits.
-    """
-    user = await get_user(db, principal.id)
-    wait = await sec.guard.check(ip, user.email)
-    if wait is not None:
-        logger.warning("password change refused: user=%s ip=%s reason=rate_limited", user.id, ip)
-        raise TooManyRequests(wait)
-    if not await sec.hasher.verify(user.password_hash, current):
-        await sec.guard.record_failure(ip, user.email)
-        logger.info(
-            "password change refused: user=%s ip=%s reason=wrong_current_password", user.id, ip
-        )
-        raise DomainError("The current password is not correct.")
-    await sec.guard.record_success(user.email)
-    enforce_password_policy(new, user.email)
-    await set_password(db, sec, user, new, keep_session=principal.session_id, reason="changed")
 
 
 async def set_password(

@@ -40,7 +40,8 @@ def client_from(app: FastAPI, ip: str) -> httpx.AsyncClient:
 
 def fresh_ip() -> str:
     # Unique per test: the shared Redis remembers every address's attempts for a whole window.
-    return f"2001:db8::{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}"
+    # A /64 of its own: limits count IPv6 clients per /64.
+    return f"2001:db8:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::1"
 
 
 LOCKOUT = {"LOCKOUT_FAILURE_THRESHOLD": 3, "LOCKOUT_WAIT_INCREMENT_SECONDS": 2}

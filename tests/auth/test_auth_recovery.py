@@ -25,6 +25,7 @@ from tests.auth_support import (
     assert_problem,
     assert_unauthenticated,
     expire_one_time_token,
+    one_time_secret,
     one_time_token,
     one_time_token_row,
     outbox,
@@ -95,9 +96,12 @@ async def test_reset_event_carries_a_link_built_from_the_configured_url(app: App
 
     [event] = await outbox(fastapi_app, user["id"], RESET_REQUESTED)
     assert event.topic == NOTIFICATIONS_TOPIC
-    token = event.payload["token"]
+    secret = await one_time_secret(fastapi_app, user["id"], RESET_REQUESTED)
+    token = secret["token"]
     assert len(token) >= 22  # at least 128 bits, base64url
-    assert event.payload["url"] == f"{PUBLIC_BASE_URL}/reset-password?token={token}"
+    assert secret["url"] == f"{PUBLIC_BASE_URL}/reset-password?token={token}"
+    # Stored sealed: nothing in the row is the token or the link.
+    assert token not in json_text(event.payload) and token not in str(event.sealed)
     assert "attacker" not in json_text(event.payload)
     assert event.payload["email"] == user["email"]
     assert "argon2" not in json_text(event.payload)
@@ -184,8 +188,9 @@ async def test_registration_asks_for_verification_and_confirm_verifies(app: App)
 
     [event] = await outbox(fastapi_app, user["id"], VERIFICATION_REQUESTED)
     assert event.topic == NOTIFICATIONS_TOPIC
-    token = event.payload["token"]
-    assert event.payload["url"] == f"{PUBLIC_BASE_URL}/verify-email?token={token}"
+    secret = await one_time_secret(fastapi_app, user["id"], VERIFICATION_REQUESTED)
+    token = secret["token"]
+    assert secret["url"] == f"{PUBLIC_BASE_URL}/verify-email?token={token}"
 
     response = await client.post(VERIFY_CONFIRM_URL, json={"token": token})
     assert response.status_code == 200, response.text

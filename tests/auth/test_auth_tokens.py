@@ -143,7 +143,10 @@ async def test_token_of_a_deleted_user_is_refused(app: App) -> None:
     user = await register(client)
     tokens = await login(client, user["email"])
     assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
-    assert (await client.delete(ME_URL, headers=bearer(tokens))).status_code == 204
+    deleted = await client.request(
+        "DELETE", ME_URL, json={"current_password": PASSWORD}, headers=bearer(tokens)
+    )
+    assert deleted.status_code == 204, deleted.text
 
     assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
     # Even a correctly signed, unexpired token naming the deleted user and its old session.

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 from typing import Annotated, Any
+from urllib.parse import unquote_plus
 
-from fastapi import APIRouter, Form, Response, status
+from fastapi import APIRouter, BackgroundTasks, Form, Header, Response, status
 from fastapi.responses import JSONResponse
 
-from src.api.dependencies import API_V1, ClientDep, CurrentUser, SecurityDep, SessionDep
+from src.api.dependencies import (
+    API_V1,
+    ClientDep,
+    CurrentUser,
+    SecurityDep,
+    SessionDep,
+    SessionMakerDep,
+)
 from src.api.errors import PROBLEM
+from src.auth import account
 from src.auth import service as auth_service
 from src.errors import OAuthError
-from src.users import service as user_service
+from src.users.emails import MAX_LENGTH as MAX_EMAIL_LENGTH
 from src.users.schemas import (
     Accepted,
     EmailRequest,
@@ -23,6 +35,12 @@ from src.users.schemas import (
 )
 
 router = APIRouter(prefix="/auth", tags=["auth"])
+
+# Bounds on what the token endpoint reads, so nothing longer reaches a hash or a query.
+MAX_PASSWORD_INPUT = 1024
+MAX_TOKEN_INPUT = 512
+MAX_CLIENT_ID = 255
+_VSCHARS = re.compile(r"[\x20-\x7e]+")  # RFC 6749 appendix A: client_id is VSCHAR
 
 _ACCEPTED = Accepted(detail="If the account exists, a message is on its way.")
 _OAUTH_ERROR = {
@@ -39,14 +57,13 @@ _OAUTH_ERROR = {
     "/register",
     status_code=status.HTTP_201_CREATED,
     response_model=UserPublic,
-    responses={409: PROBLEM, 422: PROBLEM},
+    responses={409: PROBLEM, 422: PROBLEM, 429: PROBLEM},
 )
 async def register(
-    body: UserRegister, db: SessionDep, sec: SecurityDep, response: Response
+    body: UserRegister, db: SessionDep, sec: SecurityDep, client: ClientDep, response: Response
 ) -> UserPublic:
-    user = await user_service.create_user(
-        db, sec, email=body.email, password=body.password, full_name=body.full_name
-    )
+    """Throttled per client address and per address registered (429 with Retry-After)."""
+    user = await auth_service.register(db, sec, body, client)
     response.headers["Location"] = f"{API_V1}/users/{user.id}"
     return UserPublic.model_validate(user)
 
@@ -69,17 +86,26 @@ async def token(
     scope: Annotated[str | None, Form()] = None,
     client_id: Annotated[str | None, Form()] = None,
     client_secret: Annotated[str | None, Form()] = None,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Any:
-    """RFC 6749 sections 4.3 and 6: form-encoded, answers per sections 5.1 and 5.2."""
+    """RFC 6749 sections 4.3 and 6: form-encoded, answers per sections 5.1 and 5.2.
+
+    ``client_id`` (in the form, or as the user name of HTTP Basic authentication) is remembered
+    with the session: its refresh tokens then work for that client only.
+    """
     try:
+        client_id = _client_id(client_id, authorization)
         if grant_type == "password":
             if not username or not password:
                 raise OAuthError("invalid_request", "username and password are required.")
-            tokens = await auth_service.login(db, sec, username, password, client)
+            _bounded("username", username, MAX_EMAIL_LENGTH)
+            _bounded("password", password, MAX_PASSWORD_INPUT)
+            tokens = await auth_service.login(db, sec, username, password, client, client_id)
         elif grant_type == "refresh_token":
             if not refresh_token:
                 raise OAuthError("invalid_request", "refresh_token is required.")
-            tokens = await auth_service.refresh(db, sec, refresh_token, client)
+            _bounded("refresh_token", refresh_token, MAX_TOKEN_INPUT)
+            tokens = await auth_service.refresh(db, sec, refresh_token, client, client_id)
         elif not grant_type:
             raise OAuthError("invalid_request", "grant_type is required.")
         else:
@@ -93,6 +119,28 @@ async def token(
     return JSONResponse(
         tokens.model_dump(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
     )
+
+
+def _bounded(name: str, value: str, limit: int) -> None:
+    if len(value) > limit:
+        raise OAuthError("invalid_request", f"{name} is longer than {limit} characters.")
+
+
+def _client_id(form_value: str | None, authorization: str | None) -> str | None:
+    """The client's identifier from the form or from HTTP Basic (RFC 6749 section 2.3.1)."""
+    from_basic = None
+    if authorization and authorization[:6].lower() == "basic ":
+        try:
+            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise OAuthError("invalid_client", "Malformed Basic credentials.", 401) from None
+        from_basic = unquote_plus(decoded.partition(":")[0])
+    if form_value and from_basic and form_value != from_basic:
+        raise OAuthError("invalid_request", "Two different client_id values were sent.")
+    value = form_value or from_basic or None
+    if value is not None and (len(value) > MAX_CLIENT_ID or not _VSCHARS.fullmatch(value)):
+        raise OAuthError("invalid_client", "The client_id is not valid.", 401)
+    return value
 
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT, responses={401: PROBLEM})
@@ -113,9 +161,16 @@ async def logout_all(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -
     response_model=Accepted,
     responses={422: PROBLEM},
 )
-async def password_reset_request(body: EmailRequest, db: SessionDep, sec: SecurityDep) -> Accepted:
-    """Always 202 with the same body: the answer never tells whether the account exists."""
-    await auth_service.request_password_reset(db, sec, body.email)
+async def password_reset_request(
+    body: EmailRequest,
+    sessions: SessionMakerDep,
+    sec: SecurityDep,
+    client: ClientDep,
+    background: BackgroundTasks,
+) -> Accepted:
+    """Always 202 with the same body, at once: the work happens after the response, so neither
+    the answer nor its timing tells whether the account exists (or the request was throttled)."""
+    background.add_task(auth_service.request_password_reset, sessions, sec, body.email, client)
     return _ACCEPTED
 
 
@@ -137,8 +192,15 @@ async def password_reset_confirm(
     response_model=Accepted,
     responses={422: PROBLEM},
 )
-async def verify_email_request(body: EmailRequest, db: SessionDep, sec: SecurityDep) -> Accepted:
-    await auth_service.request_email_verification(db, sec, body.email)
+async def verify_email_request(
+    body: EmailRequest,
+    sessions: SessionMakerDep,
+    sec: SecurityDep,
+    client: ClientDep,
+    background: BackgroundTasks,
+) -> Accepted:
+    """Always 202 with the same body, at once (see the password reset request)."""
+    background.add_task(auth_service.request_email_verification, sessions, sec, body.email, client)
     return _ACCEPTED
 
 
@@ -148,3 +210,26 @@ async def verify_email_request(body: EmailRequest, db: SessionDep, sec: Security
 async def verify_email_confirm(body: TokenConfirm, db: SessionDep, sec: SecurityDep) -> UserPublic:
     user = await auth_service.confirm_email_verification(db, sec, body.token)
     return UserPublic.model_validate(user)
+
+
+@router.post(
+    "/email-change/confirm",
+    response_model=UserPublic,
+    responses={400: PROBLEM, 409: PROBLEM, 422: PROBLEM},
+)
+async def email_change_confirm(body: TokenConfirm, db: SessionDep, sec: SecurityDep) -> UserPublic:
+    """The link mailed to the new address: the change takes effect now, and the old address
+    gets a notice with a link that undoes it."""
+    user = await account.confirm_email_change(db, sec, body.token)
+    return UserPublic.model_validate(user)
+
+
+@router.post(
+    "/email-change/undo",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={400: PROBLEM, 409: PROBLEM, 422: PROBLEM},
+)
+async def email_change_undo(body: TokenConfirm, db: SessionDep, sec: SecurityDep) -> None:
+    """The link mailed to the old address: takes the address back, ends every session and mails
+    a password reset link there."""
+    await account.undo_email_change(db, sec, body.token)

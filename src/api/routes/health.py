@@ -1,17 +1,26 @@
-"""Health endpoints (DESIGN.md, "Health contract").
+"""Health endpoints (README.md, "Health").
 
 ``/health`` is 200 unless the database is down; a single-dependency check is 200 when healthy or
 disabled and 503 when unhealthy. ``/live`` says the process answers; ``/ready`` that the database
 is reachable and migrated.
+
+Anonymous callers see statuses only. Error texts name internal hosts and ports, and counters such
+as the outbox backlog move when somebody asks for a password reset — which would tell an
+attacker that the account exists. Operators prove who they are with ``HEALTH_DETAILS_TOKEN`` or an
+administrator's access token, and see everything.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hmac
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from pydantic import BaseModel
 
+from src.api.dependencies import bearer_transport
+from src.auth.service import authenticate
+from src.config.settings import Settings
 from src.services.health import (
     CheckResult,
     CheckStatus,
@@ -19,6 +28,7 @@ from src.services.health import (
     OverallStatus,
     check_database_health,
     check_kafka_health,
+    check_mail_health,
     check_redis_health,
     health_report,
     readiness,
@@ -40,10 +50,33 @@ class Readiness(BaseModel):
     reason: str | None = None
 
 
-def _check_reply(result: CheckResult, response: Response) -> CheckResult:
+def _check_reply(result: CheckResult, response: Response, operator: bool) -> CheckResult:
     if result.status is CheckStatus.UNHEALTHY:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return result
+    return result if operator else CheckResult(status=result.status)
+
+
+async def is_operator(
+    request: Request, token: Annotated[str | None, Depends(bearer_transport)]
+) -> bool:
+    """Whether the caller may see details; never an error (health stays open to everyone)."""
+    if not token:
+        return False
+    settings: Settings = request.app.state.settings
+    expected = settings.HEALTH_DETAILS_TOKEN
+    if expected is not None and hmac.compare_digest(
+        token.encode("utf-8", "surrogatepass"), expected.get_secret_value().encode()
+    ):
+        return True
+    try:
+        async with request.app.state.sessionmaker() as db:
+            principal = await authenticate(db, request.app.state.security, token)
+    except Exception:  # noqa: BLE001 - not an operator: a bad token, or no database to ask
+        return False
+    return principal.is_admin
+
+
+Operator = Annotated[bool, Depends(is_operator)]
 
 
 @router.get(
@@ -52,11 +85,16 @@ def _check_reply(result: CheckResult, response: Response) -> CheckResult:
     response_model_exclude_none=True,
     responses={503: {"description": "The database is down", "model": HealthReport}},
 )
-async def health(request: Request, response: Response) -> HealthReport:
+async def health(request: Request, response: Response, operator: Operator) -> HealthReport:
     report = await health_report(request.app)
     if report.status is OverallStatus.UNHEALTHY:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return report
+    if operator:
+        return report
+    return HealthReport(
+        status=report.status,
+        checks={name: CheckResult(status=check.status) for name, check in report.checks.items()},
+    )
 
 
 @router.get("/live", response_model=Liveness)
@@ -70,30 +108,37 @@ async def live() -> Liveness:
     response_model_exclude_none=True,
     responses={503: {"description": "Not ready", "model": Readiness}},
 )
-async def ready(request: Request, response: Response) -> Readiness:
+async def ready(request: Request, response: Response, operator: Operator) -> Readiness:
     reason = await readiness(request.app)
     if reason is not None:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-        return Readiness(status="not_ready", reason=reason)
+        return Readiness(status="not_ready", reason=reason if operator else None)
     return Readiness(status="ready")
 
 
 @router.get(
     "/database", response_model=CheckResult, response_model_exclude_none=True, responses=_UNHEALTHY
 )
-async def database(request: Request, response: Response) -> CheckResult:
-    return _check_reply(await check_database_health(request.app), response)
+async def database(request: Request, response: Response, operator: Operator) -> CheckResult:
+    return _check_reply(await check_database_health(request.app), response, operator)
 
 
 @router.get(
     "/redis", response_model=CheckResult, response_model_exclude_none=True, responses=_UNHEALTHY
 )
-async def redis(request: Request, response: Response) -> CheckResult:
-    return _check_reply(await check_redis_health(request.app), response)
+async def redis(request: Request, response: Response, operator: Operator) -> CheckResult:
+    return _check_reply(await check_redis_health(request.app), response, operator)
 
 
 @router.get(
     "/kafka", response_model=CheckResult, response_model_exclude_none=True, responses=_UNHEALTHY
 )
-async def kafka(request: Request, response: Response) -> CheckResult:
-    return _check_reply(await check_kafka_health(request.app), response)
+async def kafka(request: Request, response: Response, operator: Operator) -> CheckResult:
+    return _check_reply(await check_kafka_health(request.app), response, operator)
+
+
+@router.get(
+    "/mail", response_model=CheckResult, response_model_exclude_none=True, responses=_UNHEALTHY
+)
+async def mail(request: Request, response: Response, operator: Operator) -> CheckResult:
+    return _check_reply(await check_mail_health(request.app), response, operator)

@@ -20,6 +20,7 @@ from src.api.dependencies import (
     SessionDep,
 )
 from src.api.errors import PROBLEM, Responses
+from src.auth import account
 from src.auth import service as auth_service
 from src.auth.context import Principal
 from src.db.models import User
@@ -27,6 +28,9 @@ from src.errors import InvalidInput, PermissionDenied, PreconditionFailed
 from src.events.audit import list_user_events as list_user_events_page
 from src.users import service as user_service
 from src.users.schemas import (
+    Accepted,
+    CurrentPassword,
+    EmailChange,
     PasswordChange,
     Role,
     SessionPublic,
@@ -61,7 +65,8 @@ def _expected_version(if_match: str | None) -> int | None:
     if if_match is None or if_match.strip() == "*":
         return None
     tag = if_match.strip().removeprefix("W/").strip('"')
-    if not tag.isdigit():
+    # ASCII digits only ("²".isdigit() is true), and no more than a version column can hold.
+    if not (tag.isascii() and tag.isdigit() and len(tag) <= 10):
         raise PreconditionFailed("If-Match does not name a version of this user.")
     return int(tag)
 
@@ -106,9 +111,18 @@ async def update_me(
     return _reply(user, response)
 
 
-@router.delete("/me", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 409))
-async def delete_me(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -> None:
-    await user_service.delete_user(db, sec, principal.id, principal)
+@router.delete(
+    "/me", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(400, 401, 409, 422, 429)
+)
+async def delete_me(
+    body: CurrentPassword,
+    principal: CurrentUser,
+    db: SessionDep,
+    sec: SecurityDep,
+    client: ClientDep,
+) -> None:
+    """Needs the current password in the body (rate-limited like login)."""
+    await account.delete_own_account(db, sec, principal, body.current_password, client)
 
 
 @router.post(
@@ -124,9 +138,30 @@ async def change_password(
     client: ClientDep,
 ) -> None:
     """Needs the current password (rate-limited like login); every other session ends."""
-    await user_service.change_password(
-        db, sec, principal, body.current_password, body.new_password, ip=client.ip
+    await account.change_password(
+        db, sec, principal, body.current_password, body.new_password, client
     )
+
+
+@router.post(
+    "/me/email",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses=_errors(400, 401, 409, 422, 429),
+)
+async def change_email(
+    body: EmailChange,
+    principal: CurrentUser,
+    db: SessionDep,
+    sec: SecurityDep,
+    client: ClientDep,
+) -> Accepted:
+    """Needs the current password. Mails a link to the new address; the change takes effect when
+    it is followed, and the old address is then told, with a link that undoes it."""
+    await account.request_email_change(
+        db, sec, principal, body.new_email, body.current_password, client
+    )
+    return Accepted(detail="A confirmation link was sent to the new address.")
 
 
 @router.get("/me/sessions", response_model=list[SessionPublic], responses=_errors(401))
@@ -213,12 +248,28 @@ async def update_user(
 
 
 @router.delete(
-    "/{user_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 403, 404, 409, 422)
+    "/{user_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_errors(400, 401, 403, 404, 409, 422, 429),
 )
 async def delete_user(
-    user_id: uuid.UUID, principal: CurrentUser, db: SessionDep, sec: SecurityDep
+    user_id: uuid.UUID,
+    principal: CurrentUser,
+    db: SessionDep,
+    sec: SecurityDep,
+    client: ClientDep,
+    body: CurrentPassword | None = None,
 ) -> None:
+    """Admins delete others with no body; deleting yourself needs ``current_password``."""
     _only_self_or_admin(principal, user_id)
+    if principal.id == user_id:
+        if body is None:
+            raise InvalidInput(
+                "Deleting your own account needs your current password.",
+                errors=[{"loc": ["body", "current_password"], "msg": "Field required"}],
+            )
+        await account.delete_own_account(db, sec, principal, body.current_password, client)
+        return
     await user_service.delete_user(db, sec, user_id, principal)
 
 
@@ -232,7 +283,8 @@ async def list_user_events(
 ) -> UserEventsPage:
     """The user's audit trail (events read back from Kafka), oldest first."""
     _only_self_or_admin(principal, user_id)
-    if cursor is not None and not cursor.isdigit():
+    # ASCII digits that fit a BIGINT: "²" is a digit to str.isdigit, and int() reads it.
+    if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
         raise InvalidInput("The cursor is not valid; start again without one.")
     events, last = await list_user_events_page(
         db, user_id, limit=limit, after=int(cursor) if cursor else None

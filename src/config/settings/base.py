@@ -1,14 +1,18 @@
 """Every setting the service reads, in one place.
 
 Names and defaults of the Redis and Kafka variables are fixed by the original specification; the
-rest follow DESIGN.md. Values come from the environment and, when present, a ``.env`` file.
+rest are described in README.md. Values come from the environment and, when present, a ``.env``
+file.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -94,11 +98,27 @@ class Settings(BaseSettings):
     JWT_ISSUER: str = "user-management-service"
     JWT_AUDIENCE: str = "user-management-service"
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(default=15, ge=1, le=1440)
+    # Clock skew tolerated when checking a token's exp and iat (seconds).
+    JWT_LEEWAY_SECONDS: int = Field(default=5, ge=0, le=300)
     # A refresh token expires when unused for this long; its session ends after the absolute limit.
     REFRESH_TOKEN_EXPIRE_DAYS: int = Field(default=14, ge=1, le=365)
     SESSION_MAX_LIFETIME_DAYS: int = Field(default=90, ge=1, le=3650)
     PASSWORD_RESET_TOKEN_EXPIRE_MINUTES: int = Field(default=30, ge=1, le=1440)
     EMAIL_VERIFICATION_TOKEN_EXPIRE_HOURS: int = Field(default=48, ge=1, le=720)
+    # A link to confirm a new email address, and the old address's link to undo the change.
+    EMAIL_CHANGE_TOKEN_EXPIRE_HOURS: int = Field(default=24, ge=1, le=720)
+    EMAIL_CHANGE_UNDO_EXPIRE_HOURS: int = Field(default=72, ge=1, le=2160)
+    # Refuse addresses mixing scripts (Latin with Cyrillic, ...) or holding invisible or
+    # compatibility characters: the usual material of look-alike accounts.
+    EMAIL_REFUSE_CONFUSABLE: bool = True
+    # A sign-in from an address without a recent sign-in to the account mails a notice.
+    NOTIFY_NEW_SIGN_IN: bool = True
+
+    # --- secrets at rest ------------------------------------------------------------------------
+    # AES-256-GCM keys (base64url of 32 bytes), comma-separated: the first encrypts, all decrypt
+    # (rotation). They seal one-time tokens on their way to the mail sender. Required in
+    # production; in development one is generated once and kept under DATA_DIR.
+    ENCRYPTION_KEY: SecretStr | None = None
 
     # --- passwords (OWASP: argon2id, m=19 MiB, t=2, p=1) ----------------------------------------
     ARGON2_TIME_COST: int = Field(default=2, ge=1, le=20)
@@ -107,21 +127,73 @@ class Settings(BaseSettings):
     # Threads that hash passwords off the event loop; 0 means one per core.
     PASSWORD_HASH_WORKERS: int = Field(default=0, ge=0, le=256)
 
-    # --- brute-force protection (Keycloak-style escalating lock-out) -----------------------------
+    # --- brute-force protection -----------------------------------------------------------------
+    # Every password attempt from one client address (IPv6: its /64), in a sliding window.
     LOGIN_RATE_LIMIT_WINDOW_SECONDS: int = Field(default=60, ge=1, le=86400)
     LOGIN_RATE_LIMIT_PER_IP: int = Field(default=30, ge=1)
-    LOGIN_RATE_LIMIT_PER_ACCOUNT: int = Field(default=10, ge=1)
-    # After this many consecutive failures an account is locked for LOCKOUT_WAIT_INCREMENT_SECONDS,
-    # growing with each further failure up to LOCKOUT_MAX_WAIT_SECONDS; failures are forgotten
-    # after LOCKOUT_FAILURE_RESET_SECONDS without one.
+    # Hard lock-out, per (account, client address) only, so nobody can lock a user out from
+    # elsewhere: after this many consecutive failures that address is locked out of that account
+    # for LOCKOUT_WAIT_INCREMENT_SECONDS, growing with each further failure up to
+    # LOCKOUT_MAX_WAIT_SECONDS; failures are forgotten after LOCKOUT_FAILURE_RESET_SECONDS
+    # without one. Attempts are counted before the password is checked.
     LOCKOUT_FAILURE_THRESHOLD: int = Field(default=5, ge=1)
     LOCKOUT_WAIT_INCREMENT_SECONDS: int = Field(default=60, ge=1)
     LOCKOUT_MAX_WAIT_SECONDS: int = Field(default=900, ge=1)
     LOCKOUT_FAILURE_RESET_SECONDS: int = Field(default=43200, ge=1)
+    # Per account, from all addresses together: past this many consecutive failures, attempts
+    # from addresses without a recent successful sign-in to the account are spaced out (a gentle
+    # delay growing by LOCKOUT_ACCOUNT_DELAY_SECONDS per further failure, at most
+    # LOCKOUT_ACCOUNT_MAX_DELAY_SECONDS). Addresses with a sign-in in the last
+    # LOGIN_KNOWN_ADDRESS_DAYS are never slowed by failures elsewhere.
+    LOCKOUT_ACCOUNT_THRESHOLD: int = Field(default=20, ge=1)
+    LOCKOUT_ACCOUNT_DELAY_SECONDS: int = Field(default=5, ge=1)
+    LOCKOUT_ACCOUNT_MAX_DELAY_SECONDS: int = Field(default=60, ge=1)
+    LOGIN_KNOWN_ADDRESS_DAYS: int = Field(default=30, ge=1, le=365)
+
+    # --- throttles on requests that send mail or create accounts ---------------------------------
+    # Registration, password-reset, verification and email-change requests, per client address
+    # and per target email address, in a sliding window. Mail requests over a limit still get
+    # their usual 202 (and send nothing); registration gets 429.
+    MAIL_RATE_LIMIT_WINDOW_SECONDS: int = Field(default=3600, ge=1, le=86400)
+    MAIL_RATE_LIMIT_PER_IP: int = Field(default=30, ge=1)
+    MAIL_RATE_LIMIT_PER_ADDRESS: int = Field(default=3, ge=1)
+
+    # --- mail (the courier sends notifications over SMTP) ---------------------------------------
+    # No SMTP_HOST: no mail is sent, notifications wait (in Kafka, or in the outbox).
+    SMTP_HOST: str | None = None
+    SMTP_PORT: int = Field(default=587, ge=1, le=65535)
+    # starttls (upgrade a plain connection, port 587), tls (TLS from the start, port 465), none.
+    SMTP_SECURITY: Literal["starttls", "tls", "none"] = "starttls"
+    SMTP_USERNAME: str | None = None
+    SMTP_PASSWORD: SecretStr | None = None
+    SMTP_TIMEOUT: float = Field(default=10.0, gt=0, le=300)
+    # A CA bundle to verify the SMTP server with (the system's by default).
+    SMTP_CA_FILE: Path | None = None
+    MAIL_FROM: str = "User Management Service <no-reply@localhost>"
+    # Run the courier inside the API process (small set-ups); off when it runs on its own
+    # (``python -m src.mail``).
+    MAIL_COURIER_IN_PROCESS: bool = True
+    # Consumer group of the courier on KAFKA_NOTIFICATIONS_TOPIC.
+    MAIL_COURIER_GROUP_ID: str = "user_service_courier"
+    # A notification that keeps failing is given up after this many attempts (logged, in health).
+    MAIL_MAX_ATTEMPTS: int = Field(default=8, ge=1, le=100)
+    MAIL_RETRY_BACKOFF_INITIAL: float = Field(default=1.0, gt=0, le=3600)
+    MAIL_RETRY_BACKOFF_MAX: float = Field(default=300.0, gt=0, le=86400)
 
     # --- caching and requests ------------------------------------------------------------------
     CACHE_TTL_SECONDS: int = Field(default=300, ge=1, le=86400)
     MAX_REQUEST_BODY_BYTES: int = Field(default=65536, ge=1024)
+    # All request headers together (names and values); more gets 431 before any work.
+    MAX_REQUEST_HEADER_BYTES: int = Field(default=16384, ge=1024, le=1_048_576)
+    # Proxies (IP addresses or CIDR networks, comma-separated) whose X-Forwarded-For / Forwarded
+    # header names the client. None by default: the peer address is the client.
+    TRUSTED_PROXIES: str | None = None
+    # Origins (scheme://host[:port], comma-separated, exact) allowed to call the API from a
+    # browser. None by default: CORS is off.
+    CORS_ALLOW_ORIGINS: str | None = None
+    # A bearer token that shows operators the details of /api/v1/health* (errors, latencies,
+    # backlog); an administrator's access token does too. Anonymous callers see statuses only.
+    HEALTH_DETAILS_TOKEN: SecretStr | None = None
 
     # --- events (transactional outbox -> Kafka -> audit log) -------------------------------------
     # CloudEvents "source" of every event this service publishes.
@@ -167,6 +239,38 @@ class Settings(BaseSettings):
             raise ValueError("expected a postgresql:// or sqlite:// URL")
         return value
 
+    @field_validator("TRUSTED_PROXIES")
+    @classmethod
+    def _trusted_proxies(cls, value: str | None) -> str | None:
+        for item in _split(value):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return value
+
+    @field_validator("CORS_ALLOW_ORIGINS")
+    @classmethod
+    def _cors_origins(cls, value: str | None) -> str | None:
+        for origin in _split(value):
+            parsed = urlsplit(origin)
+            exact = parsed.scheme in ("http", "https") and parsed.netloc and not parsed.path
+            if not exact or "*" in origin:
+                raise ValueError(f"{origin!r} is not an exact origin like https://app.example.com")
+        return value
+
+    @cached_property
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(item, strict=False) for item in _split(self.TRUSTED_PROXIES)]
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.rstrip("/") for origin in _split(self.CORS_ALLOW_ORIGINS)]
+
+    @property
+    def mail_enabled(self) -> bool:
+        return bool(self.SMTP_HOST)
+
     @property
     def is_production(self) -> bool:
         return self.ENVIRONMENT is Environment.PRODUCTION
@@ -174,6 +278,10 @@ class Settings(BaseSettings):
     @property
     def kafka_bootstrap_list(self) -> list[str]:
         return self.KAFKA_BOOTSTRAP_SERVERS.split(",")
+
+
+def _split(value: str | None) -> list[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
 class SettingsError(SystemExit):

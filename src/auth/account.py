@@ -1,0 +1,207 @@
+"""Changes that need a fresh proof of identity: the password, the email address, deleting the
+account.
+
+An access token proves a session, not a person: a stolen one must not be enough to take the
+account over (change the address, then reset the password through it) or to destroy it. Each of
+these asks for the current password again, checked under the login guard's limits. An email
+change takes effect only once the new address confirms a link, and the old address is told, with
+a link that undoes the change for ``EMAIL_CHANGE_UNDO_EXPIRE_HOURS`` (Keycloak's update-email
+flow, plus the undo).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from src.auth.context import Principal, Security
+from src.auth.secrets import hash_token
+from src.auth.service import ClientInfo, verify_password
+from src.db.models import OneTimeToken, User
+from src.db.types import utcnow
+from src.errors import Conflict, DomainError, InvalidInput, TooManyRequests
+from src.events.outbox import EventType, record_event
+from src.users import repository
+from src.users import service as user_service
+from src.users.service import (
+    EMAIL_CHANGE,
+    EMAIL_UNDO,
+    EMAIL_VERIFICATION,
+    PASSWORD_RESET,
+    commit_change,
+    enforce_password_policy,
+    ensure_address_allowed,
+    send_one_time_link,
+    set_password,
+    snapshot,
+)
+
+logger = logging.getLogger(__name__)
+audit = logging.getLogger("src.auth.audit")
+
+_WRONG_PASSWORD = "The current password is not correct."
+_BAD_TOKEN = "The token is invalid, expired or already used."
+
+
+async def _reauthenticate(
+    db: AsyncSession, sec: Security, principal: Principal, password: str, client: ClientInfo
+) -> User:
+    user = await user_service.get_user(db, principal.id)
+    if not await verify_password(db, sec, user, password, client):
+        raise DomainError(_WRONG_PASSWORD)
+    return user
+
+
+async def change_password(
+    db: AsyncSession,
+    sec: Security,
+    principal: Principal,
+    current: str,
+    new: str,
+    client: ClientInfo,
+) -> None:
+    """Needs the current password; ends every other session of the user."""
+    user = await _reauthenticate(db, sec, principal, current, client)
+    enforce_password_policy(new, user.email)
+    await set_password(db, sec, user, new, keep_session=principal.session_id, reason="changed")
+
+
+async def request_email_change(
+    db: AsyncSession,
+    sec: Security,
+    principal: Principal,
+    new_email: str,
+    current_password: str,
+    client: ClientInfo,
+) -> None:
+    """Mail a confirmation link to the new address; nothing changes until it is followed."""
+    if new_email == principal.user.email:
+        raise InvalidInput(
+            "That is already the account's address.",
+            errors=[{"loc": ["body", "new_email"], "msg": "unchanged"}],
+        )
+    ensure_address_allowed(sec.settings, new_email)
+    user = await _reauthenticate(db, sec, principal, current_password, client)
+    if await repository.email_taken(db, new_email):
+        raise Conflict("An account with this email already exists.")
+    wait = await sec.throttle.hit("email_change", client.ip, new_email)
+    if wait is not None:
+        raise TooManyRequests(wait)
+    await send_one_time_link(
+        db,
+        sec,
+        user,
+        EventType.EMAIL_CHANGE_REQUESTED,
+        EMAIL_CHANGE,
+        "confirm-email-change",
+        to=new_email,
+        about=new_email,
+    )
+    await db.commit()
+    audit.info("email change requested: user=%s ip=%s", user.id, client.ip)
+
+
+async def _spend(db: AsyncSession, token: str, purpose: str) -> tuple[OneTimeToken, User]:
+    row = await repository.get_one_time_token(db, hash_token(token), purpose)
+    now = utcnow()
+    if row is None or row.used_at is not None or row.expires_at <= now or not row.email:
+        raise DomainError(_BAD_TOKEN)
+    user = await repository.get_user(db, row.user_id)
+    if user is None or not user.is_active:
+        raise DomainError(_BAD_TOKEN)
+    await repository.spend_one_time_tokens(db, user.id, purpose, now)
+    return row, user
+
+
+async def _move_to(db: AsyncSession, sec: Security, user: User, email: str) -> None:
+    """Give the user ``email``, verified: a link mailed there was just followed."""
+    if await repository.email_taken(db, email):
+        raise Conflict("An account with this email already exists.")
+    newly_verified = not user.email_verified
+    user.email, user.email_verified, user.updated_at = email, True, utcnow()
+    try:
+        await db.flush()
+    except IntegrityError:
+        await db.rollback()
+        raise Conflict("An account with this email already exists.") from None
+    if newly_verified:
+        record_event(db, sec.settings, EventType.EMAIL_VERIFIED, user.id, snapshot(user))
+
+
+async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> User:
+    """The new address confirmed: switch to it, and offer the old address an undo link."""
+    row, user = await _spend(db, token, EMAIL_CHANGE)
+    old_email, new_email = user.email, str(row.email)
+    await _move_to(db, sec, user, new_email)
+    # Links mailed to the old address must not keep working for the account.
+    for purpose in (PASSWORD_RESET, EMAIL_VERIFICATION):
+        await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
+    record_event(
+        db,
+        sec.settings,
+        EventType.UPDATED,
+        user.id,
+        {
+            **snapshot(user),
+            "actor_id": user.id,
+            "changes": ["email", "email_verified"],
+            "previous_email": old_email,
+        },
+    )
+    await send_one_time_link(
+        db,
+        sec,
+        user,
+        EventType.EMAIL_CHANGE_NOTICE,
+        EMAIL_UNDO,
+        "undo-email-change",
+        to=old_email,
+        about=old_email,
+        extra={"new_email": new_email},
+    )
+    await commit_change(db, sec, [user.id])
+    audit.info("email changed: user=%s", user.id)
+    return user
+
+
+async def undo_email_change(db: AsyncSession, sec: Security, token: str) -> None:
+    """The old address says the change was not wanted: take the address back, end every session,
+    and mail a password reset link there (whoever made the change knew the password)."""
+    row, user = await _spend(db, token, EMAIL_UNDO)
+    changed_to, restored = user.email, str(row.email)
+    if changed_to != restored:
+        await _move_to(db, sec, user, restored)
+    for purpose in (EMAIL_CHANGE, PASSWORD_RESET, EMAIL_VERIFICATION):
+        await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
+    revoked = await repository.revoke_sessions(db, user.id, utcnow(), "email_change_undone")
+    record_event(
+        db,
+        sec.settings,
+        EventType.UPDATED,
+        user.id,
+        {
+            **snapshot(user),
+            "actor_id": user.id,
+            "changes": ["email", "email_verified"],
+            "previous_email": changed_to,
+            "sessions_revoked": len(revoked),
+        },
+    )
+    await send_one_time_link(
+        db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"
+    )
+    await commit_change(db, sec, [user.id], revoked)
+    audit.warning("email change undone: user=%s sessions_revoked=%d", user.id, len(revoked))
+
+
+async def delete_own_account(
+    db: AsyncSession,
+    sec: Security,
+    principal: Principal,
+    current_password: str,
+    client: ClientInfo,
+) -> None:
+    await _reauthenticate(db, sec, principal, current_password, client)
+    await user_service.delete_user(db, sec, principal.id, principal)
