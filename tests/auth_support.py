@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -52,6 +54,20 @@ QUICK_SETTINGS: dict[str, Any] = {
 
 # Where httpx.ASGITransport says every request comes from, unless told otherwise.
 IN_PROCESS_CLIENT_IP = "127.0.0.1"
+
+
+def fresh_ip() -> str:
+    """A client address of its own: a /64 (limits count IPv6 clients per /64) nobody else uses,
+    so the shared Redis's memory of other tests' attempts does not count against it."""
+    return f"2001:db8:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::1"
+
+
+@asynccontextmanager
+async def client_from(app: FastAPI, ip: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """A client whose requests come from ``ip`` (a fresh address by default)."""
+    transport = httpx.ASGITransport(app=app, client=(ip or fresh_ip(), 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
 
 
 async def forget_in_process_login_attempts(redis: Redis) -> None:

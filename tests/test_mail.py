@@ -38,7 +38,7 @@ from src.db.session import create_engine, create_sessionmaker, upgrade_database
 from src.db.types import utcnow
 from src.events.envelope import CloudEvent
 from src.events.outbox import EventType, record_notification
-from src.events.relay import OutboxRelay
+from src.events.relay import OutboxRelay, prune_outbox
 from src.mail.courier import Courier, Notification, Status
 from src.mail.messages import Unmailable, build_message, recipient_address
 from src.mail.sender import check_smtp
@@ -925,3 +925,54 @@ async def test_the_command_mails_from_the_outbox_and_stops_on_sigterm(
     assert process.returncode == 0, output
     assert b"mail sent: event=" in output and b"mail courier stopped" in output
     assert item.token.encode() not in output
+
+
+# --- through the service --------------------------------------------------------------------------
+
+
+async def test_a_newcomer_gets_the_verification_mail_and_its_link_works(
+    make_settings: SettingsFactory, smtp: MailServer
+) -> None:
+    """Registration to a working link, with the courier inside the API process (as ``make run``
+    runs it) reading the outbox."""
+    settings = mail_settings(make_settings, smtp, LOGIN_RATE_LIMIT_PER_IP=1000)
+    async with running_app(settings) as (app, client):
+        email = f"newcomer-{uuid.uuid4().hex[:8]}@example.com"
+        registered = await client.post(
+            "/api/v1/auth/register", json={"email": email, "password": "a long enough secret"}
+        )
+        assert registered.status_code == 201, registered.text
+        [mail] = await eventually(lambda: smtp.to(email), timeout=20)
+        text = mail.part("plain")
+        match = re.search(r"https://app\.example\.com/verify-email\?token=([\w-]+)", text)
+        assert match, text
+        confirmed = await client.post(
+            "/api/v1/auth/verify-email/confirm", json={"token": match.group(1)}
+        )
+        assert confirmed.status_code == 200 and confirmed.json()["email_verified"] is True
+        # Delivered: the outbox no longer holds the sealed link.
+        async with app.state.sessionmaker() as db:
+            query = select(OutboxEvent).where(OutboxEvent.type == "user.verification_requested")
+            rows = (await db.execute(query)).scalars().all()
+        mine = [row for row in rows if row.payload.get("email") == email]
+        assert mine and all(row.sealed is None and row.published_at for row in mine)
+
+
+async def test_expired_links_are_purged_from_the_outbox(
+    make_settings: SettingsFactory,
+) -> None:
+    """With nobody to deliver them (no Kafka, no mail), sealed links still do not outlive their
+    expiry: the outbox's housekeeping forgets them."""
+    settings = make_settings(KAFKA_ENABLED=False, ENCRYPTION_KEY=new_key())
+    sealer = load_sealer(settings)
+    async with database(settings) as sessionmaker:
+        expired = await record(
+            sessionmaker, settings, sealer, EventType.PASSWORD_RESET_REQUESTED, "a@example.com",
+            expires_at=utcnow() - timedelta(seconds=1),
+        )  # fmt: skip
+        alive = await record(
+            sessionmaker, settings, sealer, EventType.PASSWORD_RESET_REQUESTED, "b@example.com",
+        )  # fmt: skip
+        await prune_outbox(sessionmaker, settings)
+        assert (await outbox_row(sessionmaker, expired.event_id)).sealed is None
+        assert (await outbox_row(sessionmaker, alive.event_id)).sealed is not None

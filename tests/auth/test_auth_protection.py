@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 
 from src.config.settings import Settings
 from tests.auth_support import (
@@ -23,6 +21,8 @@ from tests.auth_support import (
     assert_oauth_error,
     assert_problem,
     assert_unauthenticated,
+    client_from,
+    fresh_ip,
     one_time_token,
     password_grant,
     refresh_grant,
@@ -30,19 +30,6 @@ from tests.auth_support import (
 )
 from tests.helpers import PASSWORD, bearer, eventually, login, register, running_app, unique_email
 from tests.servers import RedisServer
-
-
-def client_from(app: FastAPI, ip: str) -> httpx.AsyncClient:
-    """A client whose requests come from ``ip`` (the in-process default is one shared address)."""
-    transport = httpx.ASGITransport(app=app, client=(ip, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://test")
-
-
-def fresh_ip() -> str:
-    # Unique per test: the shared Redis remembers every address's attempts for a whole window.
-    # A /64 of its own: limits count IPv6 clients per /64.
-    return f"2001:db8:{uuid.uuid4().hex[:4]}:{uuid.uuid4().hex[:4]}::1"
-
 
 LOCKOUT = {"LOCKOUT_FAILURE_THRESHOLD": 3, "LOCKOUT_WAIT_INCREMENT_SECONDS": 2}
 

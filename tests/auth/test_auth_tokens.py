@@ -28,7 +28,7 @@ from tests.auth_support import (
     session_of,
     unverified_claims,
 )
-from tests.helpers import PASSWORD, bearer, login, register
+from tests.helpers import PASSWORD, bearer, login, register, running_app
 
 
 def _b64(data: bytes) -> str:
@@ -212,3 +212,79 @@ async def test_a_stock_oauth2_client_signs_in_refreshes_and_calls_the_api(app: A
         assert me.status_code == 200, me.text
         assert me.json()["id"] == user["id"]
         assert me.request.headers["authorization"] == f"Bearer {refreshed['access_token']}"
+
+
+# --- clock skew and client binding ----------------------------------------------------------------
+
+
+async def test_expiry_leeway_is_a_setting(make_settings: Callable[..., Settings]) -> None:
+    for leeway, accepted in ((5, True), (0, False)):
+        async with running_app(make_settings(JWT_LEEWAY_SECONDS=leeway)) as (fastapi_app, client):
+            user = await register(client)
+            tokens = await login(client, user["email"])
+            codec = fastapi_app.state.security.tokens
+            lifetime = timedelta(minutes=fastapi_app.state.settings.ACCESS_TOKEN_EXPIRE_MINUTES)
+            # Expired three seconds ago, as a token checked on a host whose clock runs behind.
+            issued = datetime.now(UTC) - lifetime - timedelta(seconds=3)
+            late, _ = codec.issue(
+                uuid.UUID(user["id"]), uuid.UUID(session_of(tokens)), "user", now=issued
+            )
+            response = await client.get(ME_URL, headers=bearer(late))
+            assert (response.status_code == 200) is accepted, (leeway, response.text)
+
+
+def _basic(client_id: str) -> str:
+    return base64.b64encode(f"{client_id}:".encode()).decode()
+
+
+async def _grant(client: httpx.AsyncClient, **form: str) -> httpx.Response:
+    auth = form.pop("basic", None)
+    headers = {"Authorization": f"Basic {auth}"} if auth else {}
+    return await client.post(TOKEN_URL, data=form, headers=headers)
+
+
+async def test_refresh_tokens_work_only_for_the_client_that_obtained_them(app: App) -> None:
+    _, client = app
+    user = await register(client)
+    signed_in = await _grant(
+        client, grant_type="password", username=user["email"], password=PASSWORD, client_id="web"
+    )
+    assert signed_in.status_code == 200, signed_in.text
+    refresh = signed_in.json()["refresh_token"]
+
+    for other in ({"client_id": "mobile"}, {}, {"basic": _basic("mobile")}):
+        stolen = await _grant(client, grant_type="refresh_token", refresh_token=refresh, **other)
+        assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant", other
+    # The right client, in the form or with HTTP Basic (RFC 6749 section 2.3.1).
+    rotated = await _grant(
+        client, grant_type="refresh_token", refresh_token=refresh, client_id="web"
+    )
+    assert rotated.status_code == 200, rotated.text
+    again = await _grant(
+        client,
+        grant_type="refresh_token",
+        refresh_token=rotated.json()["refresh_token"],
+        basic=_basic("web"),
+    )
+    assert again.status_code == 200, again.text
+
+    # A session opened without a client_id refreshes only without one.
+    plain = await login(client, user["email"])
+    as_web = await _grant(
+        client, grant_type="refresh_token", refresh_token=plain["refresh_token"], client_id="web"
+    )
+    assert as_web.status_code == 400
+    # Two different client ids at once, or an unprintable one, are refused outright.
+    mixed = await _grant(
+        client,
+        grant_type="refresh_token",
+        refresh_token=plain["refresh_token"],
+        client_id="web",
+        basic=_basic("mobile"),
+    )
+    assert mixed.status_code == 400 and mixed.json()["error"] == "invalid_request"
+    bad = await _grant(
+        client, grant_type="password", username=user["email"], password=PASSWORD, client_id="we\tb"
+    )
+    assert bad.status_code == 401 and bad.json()["error"] == "invalid_client"
+    assert bad.headers["www-authenticate"].startswith("Basic")

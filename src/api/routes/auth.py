@@ -111,10 +111,13 @@ async def token(
         else:
             raise OAuthError("unsupported_grant_type", "Use 'password' or 'refresh_token'.")
     except OAuthError as exc:
+        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+        if exc.status == 401:  # RFC 6749 section 5.2: say how the client should authenticate
+            headers["WWW-Authenticate"] = 'Basic realm="token"'
         return JSONResponse(
             {"error": exc.error, "error_description": exc.description},
             status_code=exc.status,
-            headers={"Cache-Control": "no-store", "Pragma": "no-cache"},
+            headers=headers,
         )
     return JSONResponse(
         tokens.model_dump(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
