@@ -104,6 +104,8 @@ async def request_email_change(
 
 
 async def _spend(db: AsyncSession, token: str, purpose: str) -> tuple[OneTimeToken, User]:
+    """The token's row and user; the token and every other link of its purpose are spent —
+    except, for undo links, those issued before it (see ``undo_email_change``)."""
     row = await repository.get_one_time_token(db, hash_token(token), purpose)
     now = utcnow()
     if row is None or row.used_at is not None or row.expires_at <= now or not row.email:
@@ -111,7 +113,8 @@ async def _spend(db: AsyncSession, token: str, purpose: str) -> tuple[OneTimeTok
     user = await repository.get_user(db, row.user_id)
     if user is None or not user.is_active:
         raise DomainError(_BAD_TOKEN)
-    await repository.spend_one_time_tokens(db, user.id, purpose, now)
+    since = row.created_at if purpose == EMAIL_UNDO else None
+    await repository.spend_one_time_tokens(db, user.id, purpose, now, issued_since=since)
     return row, user
 
 
@@ -160,6 +163,9 @@ async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> U
         to=old_email,
         about=old_email,
         extra={"new_email": new_email},
+        # Every address the account had keeps its own way back: a second change must not
+        # void the first owner's undo link.
+        replace_earlier=False,
     )
     await commit_change(db, sec, [user.id])
     audit.info("email changed: user=%s", user.id)
@@ -168,7 +174,12 @@ async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> U
 
 async def undo_email_change(db: AsyncSession, sec: Security, token: str) -> None:
     """The old address says the change was not wanted: take the address back, end every session,
-    and mail a password reset link there (whoever made the change knew the password)."""
+    and mail a password reset link there (whoever made the change knew the password).
+
+    Undo links issued before this one stay valid: after A -> B -> C, the link that went to B
+    (perhaps an attacker's) can take the account back to B, but A's link still takes it to A.
+    The oldest address always has the last word until its link expires.
+    """
     row, user = await _spend(db, token, EMAIL_UNDO)
     changed_to, restored = user.email, str(row.email)
     if changed_to != restored:

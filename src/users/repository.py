@@ -175,17 +175,24 @@ async def email_taken(db: AsyncSession, email: str) -> bool:
 
 
 async def spend_one_time_tokens(
-    db: AsyncSession, user_id: uuid.UUID, purpose: str, now: datetime
+    db: AsyncSession,
+    user_id: uuid.UUID,
+    purpose: str,
+    now: datetime,
+    *,
+    issued_since: datetime | None = None,
 ) -> None:
-    """Mark every outstanding token of this purpose used: only the newest link should ever work,
-    and once one is used none of the others may be."""
-    await db.execute(
+    """Mark every outstanding token of this purpose used (or only those issued since a time):
+    only the newest link should ever work, and once one is used none of the others may be."""
+    query = (
         update(OneTimeToken)
         .where(
             OneTimeToken.user_id == user_id,
             OneTimeToken.purpose == purpose,
             OneTimeToken.used_at.is_(None),
         )
-        .values(used_at=now),
-        execution_options={"synchronize_session": False},
+        .values(used_at=now)
     )
+    if issued_since is not None:
+        query = query.where(OneTimeToken.created_at >= issued_since)
+    await db.execute(query, execution_options={"synchronize_session": False})

@@ -21,7 +21,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from src.auth.context import Principal, Security
 from src.auth.passwords import PasswordPolicyError, check_password_policy
 from src.auth.secrets import hash_token, new_token
-from src.config.settings import Settings
+from src.config.settings import Settings, SettingsError
 from src.db.models import OneTimeToken, User
 from src.db.types import utcnow
 from src.errors import (
@@ -32,7 +32,7 @@ from src.errors import (
 )
 from src.events.outbox import EventType, record_event, record_notification
 from src.users import repository
-from src.users.emails import confusable_reason
+from src.users.emails import canonical_email, confusable_reason
 from src.users.schemas import UserPublic
 
 logger = logging.getLogger(__name__)
@@ -116,10 +116,13 @@ async def send_one_time_link(
     to: str | None = None,
     about: str | None = None,
     extra: dict[str, Any] | None = None,
+    replace_earlier: bool = True,
 ) -> None:
-    """Issue a token for ``purpose`` (earlier ones of that purpose stop working) and record the
-    notification that mails its link to ``to`` (the account's address by default)."""
-    await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
+    """Issue a token for ``purpose`` and record the notification that mails its link to ``to``
+    (the account's address by default). Earlier links of that purpose stop working, unless
+    ``replace_earlier`` is false."""
+    if replace_earlier:
+        await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
     token, row = issue_one_time_token(db, sec, user, purpose, email=about)
     record_notification(
         db,
@@ -361,7 +364,9 @@ async def ensure_first_admin(db: AsyncSession, sec: Security) -> None:
     settings = sec.settings
     if not settings.FIRST_ADMIN_EMAIL or settings.FIRST_ADMIN_PASSWORD is None:
         return
-    email = settings.FIRST_ADMIN_EMAIL.strip().lower()
+    email = canonical_email(settings.FIRST_ADMIN_EMAIL)
+    if email is None:
+        raise SettingsError("Invalid configuration: FIRST_ADMIN_EMAIL: not a valid email address")
     if await repository.get_user_by_email(db, email) is not None:
         return
     try:
@@ -375,3 +380,5 @@ async def ensure_first_admin(db: AsyncSession, sec: Security) -> None:
         )
     except Conflict:
         return  # another instance created it first
+    except InvalidInput as exc:  # a weak password, a look-alike address
+        raise SettingsError(f"Invalid configuration: FIRST_ADMIN_*: {exc.detail}") from None

@@ -181,6 +181,29 @@ async def test_undo_takes_the_address_back_and_ends_every_session(app: App) -> N
     assert_problem(await client.post(UNDO_URL, json={"token": undo}), 400)  # single use
 
 
+async def test_the_first_owners_undo_link_survives_later_changes(app: App) -> None:
+    """An attacker with the password moves the account twice (A -> B -> C) and uses the undo
+    link that reached B: the owner's link at A still takes it back to A."""
+    fastapi_app, client = app
+    user, auth = await _signed_in(client)
+    first, second = unique_email("attacker-b"), unique_email("attacker-c")
+    undo_links: list[str] = []
+    for address in (first, second):
+        assert (await _request_change(client, auth, address)).status_code == 202
+        link = await one_time_token(fastapi_app, user["id"], CHANGE_REQUESTED)
+        assert (await client.post(CONFIRM_URL, json={"token": link})).status_code == 200
+        undo_links.append(await one_time_token(fastapi_app, user["id"], CHANGE_NOTICE))
+    owners_link, attackers_link = undo_links
+
+    assert (await client.post(UNDO_URL, json={"token": attackers_link})).status_code == 204
+    assert (await client.post(UNDO_URL, json={"token": owners_link})).status_code == 204
+    owner = bearer(await login(client, user["email"]))
+    assert (await _me(client, owner))["email"] == user["email"]
+    # Both links are spent now.
+    for used in undo_links:
+        assert_problem(await client.post(UNDO_URL, json={"token": used}), 400)
+
+
 async def test_an_address_taken_meanwhile_is_a_conflict_and_nothing_changes(app: App) -> None:
     fastapi_app, client = app
     user, auth = await _signed_in(client)
