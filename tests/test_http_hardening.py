@@ -54,6 +54,8 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
         ("10.0.0.5", "x" * 10_000, None, "10.0.0.5"),
         ("10.0.0.5", "198.51.100.7, unknown", None, "10.0.0.5"),
         ("10.0.0.5", "", None, "10.0.0.5"),
+        ("10.0.0.5", "fe80::1%" + "a" * 10_000, None, "10.0.0.5"),  # a zone is free text
+        ("10.0.0.5", None, 'for="[fe80::1%eth0 user=x]:443"', "10.0.0.5"),
         # Only proxies all the way: the leftmost of them.
         ("10.0.0.5", "10.1.1.1, 10.2.2.2", None, "10.1.1.1"),
         (None, "6.6.6.6", None, "unknown"),

@@ -255,6 +255,8 @@ async def update_user(
         await db.flush()
     except StaleDataError:
         await db.rollback()
+        if expected_version is None:
+            raise Conflict("The user was changed concurrently; fetch it again.") from None
         raise PreconditionFailed("The user was changed concurrently; fetch it again.") from None
     except IntegrityError:
         await db.rollback()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from typing import Annotated, Any
 from urllib.parse import unquote_plus
@@ -135,7 +134,7 @@ def _client_id(form_value: str | None, authorization: str | None) -> str | None:
     if authorization and authorization[:6].lower() == "basic ":
         try:
             decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # bad base64 (binascii.Error), bad UTF-8, non-ASCII text
             raise OAuthError("invalid_client", "Malformed Basic credentials.", 401) from None
         from_basic = unquote_plus(decoded.partition(":")[0])
     if form_value and from_basic and form_value != from_basic:
