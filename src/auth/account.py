@@ -12,6 +12,7 @@ flow, plus the undo).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -118,41 +119,49 @@ async def _spend(db: AsyncSession, token: str, purpose: str) -> tuple[OneTimeTok
     return row, user
 
 
-async def _move_to(db: AsyncSession, sec: Security, user: User, email: str) -> None:
-    """Give the user ``email``, verified: a link mailed there was just followed."""
+async def _move_to(
+    db: AsyncSession,
+    sec: Security,
+    user: User,
+    email: str,
+    *,
+    void: tuple[str, ...],
+    **details: Any,
+) -> str:
+    """Give the user ``email``, verified (a link mailed there was just followed), void the links
+    of the ``void`` purposes mailed before, and record the change; return the previous address."""
+    previous, was_verified = user.email, user.email_verified
+    for purpose in void:
+        await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
+    if previous == email:
+        return previous
     if await repository.email_taken(db, email):
         raise Conflict("An account with this email already exists.")
-    newly_verified = not user.email_verified
     user.email, user.email_verified, user.updated_at = email, True, utcnow()
     try:
         await db.flush()
     except IntegrityError:
         await db.rollback()
         raise Conflict("An account with this email already exists.") from None
-    if newly_verified:
-        record_event(db, sec.settings, EventType.EMAIL_VERIFIED, user.id, snapshot(user))
-
-
-async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> User:
-    """The new address confirmed: switch to it, and offer the old address an undo link."""
-    row, user = await _spend(db, token, EMAIL_CHANGE)
-    old_email, new_email = user.email, str(row.email)
-    await _move_to(db, sec, user, new_email)
-    # Links mailed to the old address must not keep working for the account.
-    for purpose in (PASSWORD_RESET, EMAIL_VERIFICATION):
-        await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
+    meta = {"actor_id": user.id, "changes": ["email", "email_verified"], **details}
     record_event(
         db,
         sec.settings,
         EventType.UPDATED,
         user.id,
-        {
-            **snapshot(user),
-            "actor_id": user.id,
-            "changes": ["email", "email_verified"],
-            "previous_email": old_email,
-        },
+        {**snapshot(user), **meta, "previous_email": previous},
     )
+    if not was_verified:
+        record_event(db, sec.settings, EventType.EMAIL_VERIFIED, user.id, snapshot(user))
+    return previous
+
+
+async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> User:
+    """The new address confirmed: switch to it, and offer the old address an undo link."""
+    row, user = await _spend(db, token, EMAIL_CHANGE)
+    new_email = str(row.email)
+    # Links mailed to the old address must not keep working for the account.
+    old_email = await _move_to(db, sec, user, new_email, void=(PASSWORD_RESET, EMAIL_VERIFICATION))
     await send_one_time_link(
         db,
         sec,
@@ -181,24 +190,14 @@ async def undo_email_change(db: AsyncSession, sec: Security, token: str) -> None
     The oldest address always has the last word until its link expires.
     """
     row, user = await _spend(db, token, EMAIL_UNDO)
-    changed_to, restored = user.email, str(row.email)
-    if changed_to != restored:
-        await _move_to(db, sec, user, restored)
-    for purpose in (EMAIL_CHANGE, PASSWORD_RESET, EMAIL_VERIFICATION):
-        await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
     revoked = await repository.revoke_sessions(db, user.id, utcnow(), "email_change_undone")
-    record_event(
+    await _move_to(
         db,
-        sec.settings,
-        EventType.UPDATED,
-        user.id,
-        {
-            **snapshot(user),
-            "actor_id": user.id,
-            "changes": ["email", "email_verified"],
-            "previous_email": changed_to,
-            "sessions_revoked": len(revoked),
-        },
+        sec,
+        user,
+        str(row.email),
+        void=(EMAIL_CHANGE, PASSWORD_RESET, EMAIL_VERIFICATION),
+        sessions_revoked=len(revoked),
     )
     await send_one_time_link(
         db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"

@@ -197,12 +197,24 @@ class LoginDecision:
 
 
 class _RedisOrLocal:
-    """Runs a decision in Redis, or in this process when Redis is not there."""
+    """Runs a decision in Redis, or in this process when Redis is not there.
 
-    def __init__(self, settings: Settings, redis: Callable[[], Redis | None], what: str) -> None:
+    An injected ``clock`` drives both (tests); by default Redis uses its own.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Callable[[], Redis | None],
+        what: str,
+        local: InProcessLimiter,
+        clock: Callable[[], float] | None,
+    ) -> None:
         self._settings = settings
         self._redis = redis
         self._what = what
+        self._local = local
+        self._clock = clock
         self._client: Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._degraded = False
@@ -212,6 +224,10 @@ class _RedisOrLocal:
     def degraded(self) -> bool:
         """Whether the last decision was taken by the in-process limiter."""
         return self._degraded
+
+    def _now_arg(self) -> str:
+        """ "Now" for a script: the injected clock's, or empty for the Redis server's own."""
+        return str(int(self._clock() * 1000)) if self._clock else ""
 
     def _script(self, client: Redis, source: str) -> AsyncScript:
         # Registering only hashes the text locally; EVALSHA loads the script on first use.
@@ -259,13 +275,11 @@ class LoginGuard(_RedisOrLocal):
         clock: Callable[[], float] | None = None,
         max_tracked_keys: int = DEFAULT_MAX_TRACKED_KEYS,
     ) -> None:
-        super().__init__(settings, redis, "Login rate limiting")
         self._policy = LoginPolicy.from_settings(settings)
-        # An injected clock drives Redis too (tests); by default Redis uses its own.
-        self._clock = clock
-        self._local = InProcessLimiter(
+        local = InProcessLimiter(
             self._policy.window_ms, clock or time.time, max_tracked_keys, self._policy.reset_ms
         )
+        super().__init__(settings, redis, "Login rate limiting", local, clock)
 
     @staticmethod
     def _keys(ip: str, account: str) -> list[str]:
@@ -275,9 +289,6 @@ class LoginGuard(_RedisOrLocal):
             f"{PREFIX}pair:{digest}:{address}",
             f"{PREFIX}acct:{digest}",
         ]
-
-    def _now_arg(self) -> str:
-        return str(int(self._clock() * 1000)) if self._clock else ""
 
     async def admit(self, ip: str, account: str, known_address: KnownAddress) -> LoginDecision:
         """Before a password is checked. Counts the attempt as a failure until ``succeeded``.
@@ -336,12 +347,11 @@ class RequestThrottle(_RedisOrLocal):
         clock: Callable[[], float] | None = None,
         max_tracked_keys: int = DEFAULT_MAX_TRACKED_KEYS,
     ) -> None:
-        super().__init__(settings, redis, "Request throttling")
         self._window_ms = settings.MAIL_RATE_LIMIT_WINDOW_SECONDS * 1000
         self._per_ip = settings.MAIL_RATE_LIMIT_PER_IP
         self._per_address = settings.MAIL_RATE_LIMIT_PER_ADDRESS
-        self._clock = clock
-        self._local = InProcessLimiter(self._window_ms, clock or time.time, max_tracked_keys)
+        local = InProcessLimiter(self._window_ms, clock or time.time, max_tracked_keys)
+        super().__init__(settings, redis, "Request throttling", local, clock)
 
     async def hit(self, action: str, ip: str, address: str | None = None) -> float | None:
         """Count one ``action`` request; ``None`` if within the limits, else seconds to wait."""
@@ -357,10 +367,14 @@ class RequestThrottle(_RedisOrLocal):
     async def _hit(self, limits: Sequence[tuple[str, int]]) -> float:
         keys = [key for key, _ in limits]
         member = secrets.token_hex(8)
-        now = str(int(self._clock() * 1000)) if self._clock else ""
 
         async def remote(client: Redis) -> float:
-            args: list[int | str] = [now, self._window_ms, member, *(limit for _, limit in limits)]
+            args: list[int | str] = [
+                self._now_arg(),
+                self._window_ms,
+                member,
+                *(limit for _, limit in limits),
+            ]
             return float(await self._script(client, _HIT_LUA)(keys=keys, args=args))
 
         return await self._decide(remote, lambda: self._local.hit(limits))
