@@ -1,7 +1,7 @@
 """Account oracle: does a password-reset request take longer for an address that has an account?
 
 An attacker times requests over a real socket, so this does too: the service runs as a real
-uvicorn process (SQLite, Redis as configured, no Kafka), and ``wrk`` (a native load generator, not
+uvicorn process (SQLite, no Redis, no Kafka), and ``wrk`` (a native load generator, not
 a Python loop sharing the cores) sends reset requests for a known address and for unknown ones,
 in alternating rounds. The unknown address is the baseline: the ratio of the medians should be
 1.00 within noise, since the service answers before it does any work.
@@ -86,6 +86,8 @@ def run() -> None:
         "DATABASE_URL": database_url,
         "DATA_DIR": str(workdir),
         "KAFKA_ENABLED": "false",
+        # The throttles are lifted for the run: keep their flood of entries out of a shared Redis.
+        "REDIS_ENABLED": "false",
         "LOG_LEVEL": "WARNING",
         "MAIL_RATE_LIMIT_PER_IP": str(10**9),
         "MAIL_RATE_LIMIT_PER_ADDRESS": str(10**9),
