@@ -1,6 +1,8 @@
 """An SMTP server for the mail tests: aiosmtpd, in the tests' own event loop, on a free port.
 
-It keeps what it accepted, can refuse recipients or content the way real servers do, speaks
+It keeps what it accepted, can refuse recipients (for good with 5xx, or for now with 4xx, as a
+greylisting server or one that cannot reach a domain yet does) or content the way real servers do,
+and records what it refused. It speaks
 STARTTLS or TLS with a self-signed certificate and checks AUTH. ``stop()`` then ``start()`` is an
 outage: connections are refused in between, and the same port comes back.
 """
@@ -59,7 +61,9 @@ class MailServer:
 
     ``tls`` with ``implicit_tls`` speaks TLS from the first byte (port 465 style); ``tls`` alone
     offers STARTTLS (required when ``require_starttls``). ``users`` turns AUTH on and requires it.
-    ``refuse`` maps a recipient to the answer its RCPT gets; ``check_content`` may refuse DATA.
+    ``refuse`` maps a recipient to the answer its RCPT gets (``TEMPORARILY`` is a 4xx one);
+    it is read at every RCPT, so a test lifts a refusal by deleting the entry. ``refused`` lists
+    every recipient refused so far. ``check_content`` may refuse DATA.
     """
 
     tls: ssl.SSLContext | None = None
@@ -70,6 +74,7 @@ class MailServer:
     check_content: ContentCheck | None = None
     port: int = field(default_factory=free_port)
     received: list[Received] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
     connections: int = 0
     _server: asyncio.Server | None = None
     _sessions: list[SMTP] = field(default_factory=list)
@@ -131,6 +136,7 @@ class MailServer:
         rcpt_options: list[str],
     ) -> str:
         if address in self.refuse:
+            self.refused.append(address)
             return self.refuse[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -158,6 +164,14 @@ class MailServer:
 
     def to(self, address: str) -> list[Received]:
         return [mail for mail in self.received if address in mail.rcpt_tos]
+
+    def refusals(self, address: str) -> int:
+        return self.refused.count(address)
+
+
+# What a server answers when it cannot take a recipient yet (greylisting, a domain it cannot
+# reach for now): a client should try again later.
+TEMPORARILY = "450 4.7.1 Greylisted, please try again later"
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:

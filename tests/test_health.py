@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+from sqlalchemy import event
 
 from tests.conftest import SettingsFactory
 from tests.helpers import OPERATOR, running_app
@@ -48,3 +51,31 @@ async def test_disabled_dependencies_are_disabled_not_unhealthy(
             response = await client.get(f"/api/v1/health/{name}")
             assert response.status_code == 200
             assert response.json()["status"] == "disabled"
+
+
+async def test_anonymous_callers_share_one_live_report(make_settings: SettingsFactory) -> None:
+    """Fifty anonymous calls at once run the checks once: public health is no lever to flood
+    the database (or the mail provider) with checks. Operators always get a fresh report."""
+    async with running_app(make_settings()) as (app, client):
+        selects: list[str] = []
+
+        def count(_conn: object, _cursor: object, sql: str, *_: object) -> None:
+            if sql.strip().upper() == "SELECT 1":
+                selects.append(sql)
+
+        engine = app.state.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            answers = await asyncio.gather(
+                *(client.get(f"/api/v1/health{path}") for path in ("", "/redis") * 25)
+            )
+            assert {a.status_code for a in answers} == {200}
+            assert len(selects) == 1
+            for _ in range(2):
+                await client.get("/api/v1/health", headers=OPERATOR)
+            assert len(selects) == 3
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        for path in ("", "/live", "/ready"):
+            head = await client.head(f"/api/v1/health{path}")
+            assert head.status_code == 200 and head.content == b""

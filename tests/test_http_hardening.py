@@ -5,6 +5,7 @@ security headers, CORS.
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -31,41 +32,45 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
 # --- the client's address (pure logic) ------------------------------------------------------------
 
 
+XFF, FORWARDED = "X-Forwarded-For", "Forwarded"
+
+
 @pytest.mark.parametrize(
-    ("peer", "forwarded_for", "forwarded", "expected"),
+    ("peer", "header", "lines", "expected"),
     [
         # No trusted proxy in front: the peer, whatever the headers claim.
-        ("192.0.2.1", "6.6.6.6", None, "192.0.2.1"),
-        ("192.0.2.1", None, "for=6.6.6.6", "192.0.2.1"),
+        ("192.0.2.1", XFF, ["6.6.6.6"], "192.0.2.1"),
+        ("192.0.2.1", FORWARDED, ["for=6.6.6.6"], "192.0.2.1"),
         # Our proxy: the address it saw, read from the right.
-        ("10.0.0.5", "6.6.6.6, 198.51.100.7", None, "198.51.100.7"),
-        ("10.0.0.5", "198.51.100.7, 10.0.0.9", None, "198.51.100.7"),
+        ("10.0.0.5", XFF, ["6.6.6.6, 198.51.100.7"], "198.51.100.7"),
+        ("10.0.0.5", XFF, ["198.51.100.7, 10.0.0.9"], "198.51.100.7"),
+        # A client's own line, and the line the proxy added after it: one list, from the right.
+        ("10.0.0.5", XFF, ["203.0.113.99", "198.51.100.50"], "198.51.100.50"),
         (
             "10.0.0.5",
-            None,
-            'for=198.51.100.7;proto=https, for="[2001:db8::2]:4711"',
+            FORWARDED,
+            ['for=198.51.100.7;proto=https, for="[2001:db8::2]:4711"'],
             "198.51.100.7",
         ),
-        ("10.0.0.5", None, 'for="[2001:db9::7]:4711"', "2001:db9::7"),
-        ("10.0.0.5", "198.51.100.7:5555", None, "198.51.100.7"),
-        ("10.0.0.5", "::ffff:198.51.100.7", None, "198.51.100.7"),
+        ("10.0.0.5", FORWARDED, ['for="[2001:db9::7]:4711"'], "2001:db9::7"),
+        ("10.0.0.5", XFF, ["198.51.100.7:5555"], "198.51.100.7"),
+        ("10.0.0.5", XFF, ["::ffff:198.51.100.7"], "198.51.100.7"),
         # Text that is no address never becomes "the client": the last trusted hop stands in.
-        ("10.0.0.5", "<script>", None, "10.0.0.5"),
-        ("10.0.0.5", "x" * 10_000, None, "10.0.0.5"),
-        ("10.0.0.5", "198.51.100.7, unknown", None, "10.0.0.5"),
-        ("10.0.0.5", "", None, "10.0.0.5"),
-        ("10.0.0.5", "fe80::1%" + "a" * 10_000, None, "10.0.0.5"),  # a zone is free text
-        ("10.0.0.5", None, 'for="[fe80::1%eth0 user=x]:443"', "10.0.0.5"),
+        ("10.0.0.5", XFF, ["<script>"], "10.0.0.5"),
+        ("10.0.0.5", XFF, ["x" * 10_000], "10.0.0.5"),
+        ("10.0.0.5", XFF, ["198.51.100.7, unknown"], "10.0.0.5"),
+        ("10.0.0.5", XFF, [""], "10.0.0.5"),
+        ("10.0.0.5", XFF, [], "10.0.0.5"),
+        ("10.0.0.5", XFF, ["fe80::1%" + "a" * 10_000], "10.0.0.5"),  # a zone is free text
+        ("10.0.0.5", FORWARDED, ['for="[fe80::1%eth0 user=x]:443"'], "10.0.0.5"),
         # Only proxies all the way: the leftmost of them.
-        ("10.0.0.5", "10.1.1.1, 10.2.2.2", None, "10.1.1.1"),
-        (None, "6.6.6.6", None, "unknown"),
-        ("not-an-ip", None, None, "unknown"),
+        ("10.0.0.5", XFF, ["10.1.1.1, 10.2.2.2"], "10.1.1.1"),
+        (None, XFF, ["6.6.6.6"], "unknown"),
+        ("not-an-ip", XFF, [], "unknown"),
     ],
 )
-def test_client_address(
-    peer: str | None, forwarded_for: str | None, forwarded: str | None, expected: str
-) -> None:
-    assert client_ip(peer, forwarded_for, forwarded, PROXY) == expected
+def test_client_address(peer: str | None, header: str, lines: list[str], expected: str) -> None:
+    assert client_ip(peer, lines, header, PROXY) == expected
 
 
 # --- the client's address (through the API) -------------------------------------------------------
@@ -100,6 +105,12 @@ async def test_forwarded_headers_count_only_from_trusted_proxies(
         assert await _session_ip(client, spoofed) == "6.6.6.6"
         # A forged or broken header is never stored; a huge one still signs in.
         assert await _session_ip(client, {"X-Forwarded-For": "x" * 10_000}) == "127.0.0.1"
+        # The header the proxy does not write is the client's own: ignored.
+        assert await _session_ip(client, {"Forwarded": "for=6.6.6.6"}) == "127.0.0.1"
+    settings = make_settings(TRUSTED_PROXIES="127.0.0.1/32", FORWARDED_HEADER="Forwarded")
+    async with running_app(settings) as (_, client):
+        both = {"Forwarded": "for=198.51.100.9", "X-Forwarded-For": "203.0.113.66"}
+        assert await _session_ip(client, both) == "198.51.100.9"
 
 
 # --- size of the headers --------------------------------------------------------------------------
@@ -204,3 +215,43 @@ def test_cors_origins_must_be_exact() -> None:
             Settings(_env_file=None, CORS_ALLOW_ORIGINS=value)
     with pytest.raises(ValueError, match="not an IP address"):
         Settings(_env_file=None, TRUSTED_PROXIES="proxy.internal")
+
+
+# --- the unexpected -------------------------------------------------------------------------------
+
+
+async def test_an_unexpected_error_is_one_500_with_the_headers_and_one_log_record(
+    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running_app(make_settings()) as (app, client):
+
+        async def broken() -> None:
+            raise RuntimeError("a bug with a secret-looking message: s3cr3t")
+
+        app.add_api_route("/boom", broken)
+        answer = await client.get("/boom")
+        body = assert_problem(answer, 500)
+        assert "s3cr3t" not in answer.text and "Traceback" not in answer.text
+        assert body == {"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                        "instance": "/boom"}  # fmt: skip
+        for name, value in EXPECTED.items():
+            assert answer.headers.get(name) == value, name
+        assert (await client.get(f"{API}/health/live")).status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+async def test_two_content_types_are_refused(make_settings: Callable[..., Settings]) -> None:
+    """Parsers disagree on which one counts; a NUL must not hide behind the difference."""
+    body = b'{"email": "a@example.com", "password": "long enough", "full_name": "x\\u0000y"}'
+    async with running_app(make_settings()) as (_, client):
+        for headers in (
+            [("Content-Type", "application/json"), ("Content-Type", "text/plain")],
+            [("Content-Type", "text/plain"), ("Content-Type", "application/json")],
+        ):
+            answer = await client.post(f"{API}/auth/register", content=body, headers=headers)
+            assert_problem(answer, 400)
+        # No Content-Type at all: FastAPI reads JSON, so the guard looks for NUL as JSON too.
+        answer = await client.post(f"{API}/auth/register", content=body)
+        assert "NUL" in assert_problem(answer, 400)["detail"]

@@ -4,6 +4,10 @@ A real SMTP server (aiosmtpd, ``tests.mail_support``) runs in the tests' event l
 talks to it over TCP, with STARTTLS, TLS and AUTH where a test says so. Notifications are recorded
 with ``record_notification`` exactly as the service records them, and reach the courier straight
 from the outbox (``KAFKA_ENABLED=false``) or through the relay and a Kafka topic of their own.
+
+A mail the server refuses for now (4xx) must not hold up the mail behind it: the tests check the
+order of events (the second mail arrives while the first is still pending), never the clock, and
+keep every backoff tiny through the settings.
 """
 
 from __future__ import annotations
@@ -39,9 +43,9 @@ from src.db.types import utcnow
 from src.events.envelope import CloudEvent
 from src.events.outbox import EventType, record_notification
 from src.events.relay import OutboxRelay, prune_outbox
-from src.mail.courier import Courier, Notification, Status
-from src.mail.messages import Unmailable, build_message, recipient_address
-from src.mail.sender import check_smtp
+from src.mail.courier import Courier, Notification, Status, next_attempt_at
+from src.mail.messages import USER_AGENT_LIMIT, Unmailable, build_message, recipient_address
+from src.mail.sender import MailDeliveryError, check_smtp
 from src.security.sealing import Sealer, load_sealer, new_key
 from src.services.kafka.manager import KafkaManager
 from src.services.kafka.serializers import KafkaSerializer
@@ -49,6 +53,7 @@ from tests.conftest import SettingsFactory
 from tests.events_support import FAST_GROUP_JOIN, read_topic
 from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
 from tests.mail_support import (
+    TEMPORARILY,
     MailServer,
     self_signed_certificate,
     server_tls_context,
@@ -57,6 +62,8 @@ from tests.mail_support import (
 ROOT = Path(__file__).resolve().parent.parent
 SENDER_DOMAIN = "mail.example.com"
 HOSTILE_NAME = "<b>x</b>\r\nBcc: victim@example.com\r\nX-Injected: yes"
+# What anyone can register with a victim's address as: no word of it may reach the victim's mail.
+PHISHING_NAME = "URGENT: account suspended, verify at https://evil.example/login now"
 LINK_TYPES = (
     EventType.VERIFICATION_REQUESTED,
     EventType.PASSWORD_RESET_REQUESTED,
@@ -253,7 +260,7 @@ EXPECTED_WORDS = {
 def test_every_notification_renders_as_text_and_html(event_type: EventType) -> None:
     event_id = uuid.uuid4()
     link = "https://app.example.com/confirm?token=abc123&lang=en"
-    data = event_data(event_type, "bob@example.com", full_name="<b>x</b>")
+    data = event_data(event_type, "bob@example.com", full_name=PHISHING_NAME)
     message = build_message(
         _render_settings(),
         event_id,
@@ -264,7 +271,7 @@ def test_every_notification_renders_as_text_and_html(event_type: EventType) -> N
     subject, phrase = EXPECTED_WORDS[event_type]
     assert message["Subject"] == f"{subject} - Account Service"
     assert message["From"] == f"Account Service <no-reply@{SENDER_DOMAIN}>"
-    assert message["To"] == '"<b>x</b>" <bob@example.com>'
+    assert message["To"] == "bob@example.com"  # the address alone: no name anybody typed
     assert message["Message-ID"] == f"<{event_id}@{SENDER_DOMAIN}>"
     assert message["Auto-Submitted"] == "auto-generated"
     assert message.get_content_type() == "multipart/alternative"
@@ -274,13 +281,16 @@ def test_every_notification_renders_as_text_and_html(event_type: EventType) -> N
     assert text_part is not None and html_part is not None
     text, html = text_part.get_content(), html_part.get_content()
     assert phrase in text and phrase in html
-    assert "Hello <b>x</b>," in text  # plain text: shown as typed
-    assert "Hello &lt;b&gt;x&lt;/b&gt;," in html and "<b>x</b>" not in html
+    assert text.startswith("Hello,\n") and '<p style="margin:0 0 16px;">Hello,</p>' in html
+    for word in ("URGENT", "evil.example", "suspended"):
+        assert word not in message.as_string() and word not in text and word not in html
     if event_type in LINK_TYPES:
         assert link in text
         assert 'href="https://app.example.com/confirm?token=abc123&amp;lang=en"' in html
     else:
-        assert "203.0.113.7" in text and "Firefox/140 on Linux" in html
+        assert "203.0.113.7" in text
+        assert 'The browser or app reported itself as: "Firefox/140 on Linux"' in text
+        assert "reported itself as: &ldquo;" in html and "Firefox/140 on Linux" in html
         assert "token" not in text
     # Accessible and self-contained: a language, a title, no images, scripts or remote styles.
     assert '<html lang="en">' in html and f"<title>{subject}</title>" in html
@@ -288,7 +298,8 @@ def test_every_notification_renders_as_text_and_html(event_type: EventType) -> N
         assert external not in html
 
 
-def test_a_name_cannot_add_headers_or_recipients() -> None:
+def test_a_name_never_reaches_the_mail() -> None:
+    """Not as a header (it cannot add one either), not in the greeting, not anywhere."""
     data = event_data(EventType.PASSWORD_RESET_REQUESTED, "bob@example.com", full_name=HOSTILE_NAME)
     data["full_name"] += "\u202e"  # a right-to-left override, to make text read backwards
     message = build_message(
@@ -298,9 +309,29 @@ def test_a_name_cannot_add_headers_or_recipients() -> None:
     parsed = BytesParser(policy=policy.default).parsebytes(message.as_bytes())
     assert parsed["Bcc"] is None and parsed["X-Injected"] is None
     (to,) = parsed["To"].addresses
-    assert to.addr_spec == "bob@example.com"
-    assert to.display_name == "<b>x</b> Bcc: victim@example.com X-Injected: yes"
-    assert "\u202e" not in message.as_string()
+    assert (to.addr_spec, to.display_name) == ("bob@example.com", "")
+    for part in ("<b>x</b>", "&lt;b&gt;", "victim@example.com", "X-Injected", "\u202e"):
+        assert part not in message.as_string()
+
+
+def test_a_long_user_agent_is_cut_and_shown_as_quoted_data() -> None:
+    # The signer-in chooses it: it may be long, quote itself, and pose as our own words.
+    user_agent = 'Mozilla/5.0" Your account is suspended, verify at https://evil.example "' * 20
+    data = event_data(EventType.NEW_SIGN_IN, "bob@example.com")
+    data["user_agent"] = user_agent
+    message = build_message(_render_settings(), uuid.uuid4(), EventType.NEW_SIGN_IN, data, None)
+    text_part, html_part = message.get_body(("plain",)), message.get_body(("html",))
+    assert text_part is not None and html_part is not None
+    text, html = text_part.get_content(), html_part.get_content()
+    (line,) = [line for line in text.splitlines() if "reported itself as" in line]
+    label = 'The browser or app reported itself as: "'
+    assert line.strip().startswith(label) and line.endswith('"')
+    shown = line.strip().removeprefix(label).removesuffix('"')
+    assert len(shown) <= USER_AGENT_LIMIT and shown.endswith("…")
+    assert '"' not in shown  # its own quotes cannot end the quotation early
+    assert shown.startswith("Mozilla/5.0' Your account is suspended")
+    assert user_agent not in text and user_agent[: USER_AGENT_LIMIT + 1] not in html
+    assert "reported itself as: &ldquo;" in html and "&#34;" not in html
 
 
 @pytest.mark.parametrize(
@@ -309,11 +340,11 @@ def test_a_name_cannot_add_headers_or_recipients() -> None:
 )
 def test_an_unusable_recipient_is_unmailable(address: str | None) -> None:
     with pytest.raises(Unmailable):
-        recipient_address(address, "Bob")
+        recipient_address(address)
 
 
 def test_an_internationalised_domain_is_sent_in_its_ascii_form() -> None:
-    assert recipient_address("bob@exämple.com", None).addr_spec == "bob@xn--exmple-cua.com"
+    assert recipient_address("bob@exämple.com").addr_spec == "bob@xn--exmple-cua.com"
 
 
 # --- outbox mode ----------------------------------------------------------------------------------
@@ -341,9 +372,12 @@ async def test_outbox_mode_mails_every_type_once_and_forgets_the_links(
     sealer = load_sealer(settings)
     async with database(settings) as sessionmaker:
         recorded = [
-            await record(sessionmaker, settings, sealer, event_type, f"user{n}@example.com")
+            await record(
+                sessionmaker, settings, sealer, event_type, f"user{n}@example.com",
+                full_name=PHISHING_NAME,
+            )
             for n, event_type in enumerate(EXPECTED_WORDS)
-        ]
+        ]  # fmt: skip
         sealed = [(await outbox_row(sessionmaker, r.event_id)).sealed or "" for r in recorded[:4]]
         assert all(sealed)
         courier = Courier(settings, sessionmaker, sealer)
@@ -360,6 +394,9 @@ async def test_outbox_mode_mails_every_type_once_and_forgets_the_links(
             assert mail.message["Message-ID"] == f"<{item.event_id}@{SENDER_DOMAIN}>"
             if event_type in LINK_TYPES:
                 assert item.url in mail.part("plain")
+            # The name the account was registered with is in no header and no part.
+            shown = [mail.part("plain"), mail.part("html"), *map(str, mail.message.values())]
+            assert not [text for text in shown if "URGENT" in text or "evil.example" in text]
             row = await outbox_row(sessionmaker, item.event_id)
             assert row.published_at is not None
             assert (row.sealed, row.sealed_until) == (None, None)
@@ -452,7 +489,7 @@ async def test_a_mail_is_given_up_after_the_last_attempt_and_the_next_one_sent(
     sealer = load_sealer(settings)
     async with database(settings) as sessionmaker:
         first = await record(
-            sessionmaker, settings, sealer, EventType.NEW_SIGN_IN, "first@example.com"
+            sessionmaker, settings, sealer, EventType.PASSWORD_RESET_REQUESTED, "first@example.com"
         )
         courier = Courier(settings, sessionmaker, sealer)
         try:
@@ -468,6 +505,8 @@ async def test_a_mail_is_given_up_after_the_last_attempt_and_the_next_one_sent(
 
     assert (failed.status, failed.attempts) == ("failed", 2)
     assert failed.last_error is not None and failed.last_error.startswith("gave up after 2")
+    # Finished: what the retries needed (the sealed link above all) is gone.
+    assert (failed.sealed, failed.data, failed.next_attempt_at) == (None, None, None)
     assert sent.status == "sent"
     assert [mail.rcpt_tos for mail in server.received] == [["second@example.com"]]
     assert (courier.failed_total, courier.sent_total) == (1, 1)
@@ -575,6 +614,223 @@ async def test_expired_missing_and_foreign_links_are_skipped(
     assert courier.skipped_total == 5 and courier.sent_total == 1
 
 
+# --- temporary failures, retried out of line ------------------------------------------------------
+
+
+async def pending_row(
+    sessionmaker: async_sessionmaker[AsyncSession], event_id: uuid.UUID
+) -> MailDelivery | None:
+    row = await delivery(sessionmaker, event_id)
+    return row if row is not None and row.status == "pending" else None
+
+
+async def test_a_temporary_refusal_does_not_hold_up_the_next_mail(
+    make_settings: SettingsFactory,
+    smtp: MailServer,
+    database_kind: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="src")
+    smtp.refuse["slow@example.com"] = TEMPORARILY  # greylisted, or a domain out of reach
+    overrides = {"DATABASE_URL": database_kind} if database_kind else {}
+    settings = mail_settings(make_settings, smtp, **overrides)
+    sealer = load_sealer(settings)
+    async with database(settings) as sessionmaker:
+        slow = await record(
+            sessionmaker, settings, sealer, EventType.PASSWORD_RESET_REQUESTED,
+            "slow@example.com", full_name=PHISHING_NAME,
+        )  # fmt: skip
+        sealed = (await outbox_row(sessionmaker, slow.event_id)).sealed
+        assert sealed
+        fast = await record(
+            sessionmaker, settings, sealer, EventType.VERIFICATION_REQUESTED, "fast@example.com"
+        )
+        courier = Courier(settings, sessionmaker, sealer)
+        async with running(courier):
+            await eventually(lambda: smtp.to("fast@example.com"))
+            # The second mail went out while the first still waits for a retry.
+            waiting = await pending_row(sessionmaker, slow.event_id)
+            assert waiting is not None and smtp.to("slow@example.com") == []
+            assert waiting.attempts >= 1 and "450" in (waiting.last_error or "")
+            assert waiting.next_attempt_at is not None
+            assert waiting.topic == settings.KAFKA_NOTIFICATIONS_TOPIC
+            assert waiting.type == "user.password_reset_requested"
+            assert waiting.user_id == slow.user_id
+            # What a retry needs, the link still sealed (the same value, never opened), and
+            # nothing the mail does not use (the name).
+            assert waiting.sealed == sealed
+            assert waiting.data is not None and waiting.data["email"] == "slow@example.com"
+            assert "full_name" not in waiting.data
+            assert_no_secrets(repr(waiting.data), slow)
+            # Both outbox rows are closed and forget their link: the retry does not need them.
+            for item in (slow, fast):
+                row = await outbox_row(sessionmaker, item.event_id)
+                assert row.published_at is not None and row.sealed is None
+
+            await eventually(lambda: smtp.refusals("slow@example.com") >= 3)  # retried
+            del smtp.refuse["slow@example.com"]
+            done = await wait_finished(sessionmaker, slow.event_id)
+            # Once the retry loop has looked again after that, nothing is pending any more.
+            await eventually(lambda: courier.pending_total == 0 and courier.pending_retry is None)
+
+    assert done.status == "sent" and done.attempts == smtp.refusals("slow@example.com") + 1
+    assert (done.sealed, done.data, done.next_attempt_at) == (None, None, None)
+    (mail,) = smtp.to("slow@example.com")
+    assert slow.url in mail.part("plain")
+    assert [mail.rcpt_tos for mail in smtp.received] == [
+        ["fast@example.com"], ["slow@example.com"],
+    ]  # fmt: skip
+    assert (courier.sent_total, courier.failed_total, courier.duplicates_total) == (2, 0, 0)
+    assert courier.stats()["pending_retries"] == 0
+    assert f"mail sent: event={slow.event_id}" in our_log(caplog)
+    assert_no_secrets(our_log(caplog), slow, fast, sealed=[sealed])
+
+
+async def test_a_pending_mail_survives_a_restart(
+    make_settings: SettingsFactory, smtp: MailServer
+) -> None:
+    smtp.refuse["later@example.com"] = TEMPORARILY
+    settings = mail_settings(make_settings, smtp)
+    sealer = load_sealer(settings)
+    async with database(settings) as sessionmaker:
+        item = await record(
+            sessionmaker, settings, sealer, EventType.EMAIL_CHANGE_NOTICE, "later@example.com"
+        )
+        first = Courier(settings, sessionmaker, sealer)
+        async with running(first):
+            await eventually(lambda: smtp.refusals("later@example.com") >= 2)
+        assert await pending_row(sessionmaker, item.event_id) is not None
+
+        # A new courier (a restart, or another process) finds the row and carries on with it.
+        del smtp.refuse["later@example.com"]
+        second = Courier(settings, sessionmaker, sealer)
+        async with running(second):
+            done = await wait_finished(sessionmaker, item.event_id)
+            await eventually(lambda: second.pending_total == 0)
+
+    assert done.status == "sent" and done.sealed is None
+    (mail,) = smtp.to("later@example.com")
+    assert item.url in mail.part("plain")
+    assert (first.sent_total, second.sent_total, second.duplicates_total) == (0, 1, 0)
+
+
+async def test_two_couriers_never_send_one_pending_row_twice(
+    make_settings: SettingsFactory, smtp: MailServer
+) -> None:
+    """PostgreSQL: a courier locks the pending row it tries (``FOR UPDATE SKIP LOCKED``)."""
+    addresses = [f"busy{n}@example.com" for n in range(12)]
+    smtp.refuse.update(dict.fromkeys(addresses, TEMPORARILY))
+    settings = mail_settings(make_settings, smtp)
+    sealer = load_sealer(settings)
+    async with database(settings) as sessionmaker:
+        items = [
+            await record(sessionmaker, settings, sealer, EventType.VERIFICATION_REQUESTED, address)
+            for address in addresses
+        ]
+        first, second = (
+            Courier(settings, sessionmaker, sealer),
+            Courier(settings, sessionmaker, sealer),
+        )
+        while await first.deliver_next():  # one first attempt each: all of them pending
+            pass
+        for item in items:
+            assert await pending_row(sessionmaker, item.event_id) is not None
+
+        smtp.refuse.clear()
+        async with running(first), running(second):
+            for item in items:
+                await wait_finished(sessionmaker, item.event_id)
+            await eventually(lambda: first.pending_total == 0 and second.pending_total == 0)
+
+    assert sorted(rcpt for mail in smtp.received for rcpt in mail.rcpt_tos) == sorted(addresses)
+    assert first.sent_total + second.sent_total == len(addresses)
+
+
+async def test_a_link_that_expires_while_its_mail_waits_is_skipped_and_forgotten(
+    make_settings: SettingsFactory, smtp: MailServer
+) -> None:
+    smtp.refuse["expiring@example.com"] = TEMPORARILY
+    settings = mail_settings(make_settings, smtp)
+    sealer = load_sealer(settings)
+    async with database(settings) as sessionmaker:
+        item = await record(
+            sessionmaker, settings, sealer, EventType.VERIFICATION_REQUESTED,
+            "expiring@example.com",
+        )  # fmt: skip
+        courier = Courier(settings, sessionmaker, sealer)
+        assert await courier.deliver_next() is True
+        waiting = await pending_row(sessionmaker, item.event_id)
+        assert waiting is not None and waiting.sealed
+
+        # Time passes: the link expires before the next attempt (the row is edited rather than
+        # waited for).
+        async with sessionmaker() as db:
+            row = await db.get(MailDelivery, item.event_id)
+            assert row is not None and row.data is not None
+            past = (utcnow() - timedelta(seconds=1)).isoformat()
+            row.data = {**row.data, "expires_at": past}
+            row.next_attempt_at = utcnow() - timedelta(seconds=1)
+            await db.commit()
+        assert await courier.retry_next() is True
+        assert await courier.retry_next() is False  # nothing else is due
+
+    done = await delivery(sessionmaker, item.event_id)
+    assert done is not None and done.status == "skipped"
+    assert "expired" in (done.last_error or "") and done.attempts == 1
+    assert (done.sealed, done.data, done.next_attempt_at) == (None, None, None)
+    assert smtp.received == [] and courier.skipped_total == 1
+
+
+def test_a_retry_is_due_after_the_backoff_or_when_the_link_expires(
+    make_settings: SettingsFactory,
+) -> None:
+    settings = make_settings(MAIL_RETRY_BACKOFF_INITIAL=60, MAIL_RETRY_BACKOFF_MAX=600)
+    soon = utcnow() + timedelta(seconds=5)
+    later = utcnow() + timedelta(hours=1)
+
+    def notification(event_type: EventType, expires_at: datetime) -> Notification:
+        data = {"email": "a@example.com", "expires_at": expires_at.isoformat()}
+        return Notification(uuid.uuid4(), event_type.value, None, data, None)
+
+    reset = EventType.PASSWORD_RESET_REQUESTED
+    assert next_attempt_at(settings, notification(reset, soon), 1) == soon
+    due = next_attempt_at(settings, notification(reset, later), 3)  # 60 s doubled twice
+    assert timedelta(seconds=230) < due - utcnow() <= timedelta(seconds=240)
+    # A notification without a link has nothing to expire.
+    sign_in = next_attempt_at(settings, notification(EventType.NEW_SIGN_IN, soon), 1)
+    assert sign_in > soon
+
+
+async def test_permanent_failures_and_broken_templates_fail_at_once(
+    make_settings: SettingsFactory, smtp: MailServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    smtp.refuse["gone@example.com"] = "550 5.1.1 No such user"
+    settings = mail_settings(make_settings, smtp)
+    sealer = load_sealer(settings)
+    async with database(settings) as sessionmaker:
+        gone, broken = [
+            await record(sessionmaker, settings, sealer, EventType.VERIFICATION_REQUESTED, to)
+            for to in ("gone@example.com", "broken@example.com")
+        ]
+        courier = Courier(settings, sessionmaker, sealer)
+        refused = Notification.from_outbox(await outbox_row(sessionmaker, gone.event_id))
+        assert await courier.deliver(refused) is Status.FAILED
+
+        def unrenderable(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError(f"template bug near {kwargs or args}")
+
+        monkeypatch.setattr("src.mail.courier.build_message", unrenderable)
+        failing = Notification.from_outbox(await outbox_row(sessionmaker, broken.event_id))
+        assert await courier.deliver(failing) is Status.FAILED
+        found = [await delivery(sessionmaker, item.event_id) for item in (gone, broken)]
+
+    rows = [row for row in found if row is not None]
+    assert [(row.status, row.attempts) for row in rows] == [("failed", 1), ("failed", 0)]
+    assert all(row.sealed is None and row.next_attempt_at is None for row in rows)
+    assert "could not render: RuntimeError" in (rows[1].last_error or "")
+    assert smtp.received == [] and smtp.refusals("gone@example.com") == 1
+
+
 # --- Kafka mode -----------------------------------------------------------------------------------
 
 
@@ -676,6 +932,69 @@ async def test_kafka_mode_mails_what_the_relay_publishes_once_per_event(
     assert_no_secrets(our_log(caplog), first, notice, last, sealed=sealed)
 
 
+async def test_kafka_mode_a_temporary_refusal_does_not_hold_up_the_next_mail(
+    make_settings: SettingsFactory, kafka_bootstrap: str, smtp: MailServer, clean_db: None
+) -> None:
+    group = f"courier-{uuid.uuid4().hex[:8]}"
+    settings = mail_settings(
+        make_settings, smtp, KAFKA_ENABLED=True, MAIL_COURIER_GROUP_ID=group,
+        MAIL_MAX_ATTEMPTS=100, MAIL_RETRY_BACKOFF_MAX=0.5, **FAST_GROUP_JOIN,
+    )  # fmt: skip
+    topic = settings.KAFKA_NOTIFICATIONS_TOPIC
+    await _create_topic(kafka_bootstrap, topic)
+    smtp.refuse["slow@example.com"] = TEMPORARILY
+    sealer = load_sealer(settings)
+    manager = KafkaManager(settings)
+    await manager.start()
+    try:
+        async with database(settings) as sessionmaker:
+            relay = OutboxRelay(settings, sessionmaker, lambda: manager)
+            courier = Courier(settings, sessionmaker, sealer, kafka=lambda: manager)
+            slow = await record(
+                sessionmaker, settings, sealer, EventType.PASSWORD_RESET_REQUESTED,
+                "slow@example.com",
+            )  # fmt: skip
+            sealed = (await outbox_row(sessionmaker, slow.event_id)).sealed
+            fast = await record(
+                sessionmaker, settings, sealer, EventType.NEW_SIGN_IN, "fast@example.com"
+            )
+            assert await relay.publish_once() == 2
+            async with running(courier):
+                await eventually(lambda: smtp.to("fast@example.com"), timeout=30)
+                waiting = await pending_row(sessionmaker, slow.event_id)
+                assert waiting is not None and smtp.to("slow@example.com") == []
+                assert waiting.sealed == sealed  # taken over from the record, still sealed
+
+                records = await read_topic(kafka_bootstrap, topic)
+                end = max(r.offset for r in records) + 1
+
+                async def both_committed() -> bool:
+                    return await _committed(kafka_bootstrap, group, topic) == end
+
+                # Both records are done with while the first mail still waits for its retry.
+                await eventually(both_committed, timeout=30, interval=0.3)
+                assert await pending_row(sessionmaker, slow.event_id) is not None
+
+                # Its record again (a redelivery): the retry loop owns it, nobody else tries it.
+                await manager.send(topic, records[0].value, key=str(slow.user_id))
+                await eventually(lambda: courier.duplicates_total == 1, timeout=30)
+
+                del smtp.refuse["slow@example.com"]
+                done = await wait_finished(sessionmaker, slow.event_id, timeout=30)
+                await eventually(lambda: courier.pending_total == 0)
+    finally:
+        await manager.stop()
+
+    assert done.status == "sent" and done.sealed is None and done.data is None
+    (mail,) = smtp.to("slow@example.com")
+    assert slow.url in mail.part("plain")
+    assert [mail.rcpt_tos for mail in smtp.received] == [
+        ["fast@example.com"], ["slow@example.com"],
+    ]  # fmt: skip
+    assert (courier.sent_total, courier.duplicates_total) == (2, 1)
+    assert_no_secrets(repr(courier.stats()), slow, fast, sealed=[sealed or ""])
+
+
 async def test_cancelling_the_courier_ends_it_in_bounded_time(
     make_settings: SettingsFactory, kafka_bootstrap: str, smtp: MailServer
 ) -> None:
@@ -698,22 +1017,25 @@ async def test_cancelling_the_courier_ends_it_in_bounded_time(
     await assert_no_leftover_tasks(before)
 
 
-async def test_cancelling_the_courier_during_a_backoff_ends_it(
+async def test_cancelling_the_courier_while_a_mail_waits_for_its_retry_ends_it(
     make_settings: SettingsFactory,
 ) -> None:
-    server = MailServer()  # down: the courier is retrying when cancelled
+    server = MailServer()  # down: a mail waits for its retry when the courier is cancelled
     settings = mail_settings(make_settings, server, MAIL_RETRY_BACKOFF_INITIAL=30)
     sealer = load_sealer(settings)
+    before = asyncio.all_tasks()
     async with database(settings) as sessionmaker:
         item = await record(sessionmaker, settings, sealer, EventType.NEW_SIGN_IN, "a@example.com")
         courier = Courier(settings, sessionmaker, sealer)
         task = asyncio.create_task(courier.run())
         await eventually(lambda: courier.pending_retry == str(item.event_id))
+        await eventually(lambda: courier.pending_total == 1)  # the retry loop waits for it
         task.cancel()
         done, _ = await asyncio.wait({task}, timeout=15)
         assert done and task.cancelled()
         pending = await delivery(sessionmaker, item.event_id)
         assert pending is not None and (pending.status, pending.attempts) == ("pending", 1)
+    await assert_no_leftover_tasks(before)  # the retry loop went with the courier
 
 
 # --- TLS and authentication -----------------------------------------------------------------------
@@ -765,6 +1087,12 @@ async def test_starttls_with_a_private_ca_and_auth(
             )  # fmt: skip
             denied = await Courier(wrong, sessionmaker, sealer).attempt(notification, 0)
             untrusted = await Courier(unknown_ca, sessionmaker, sealer).attempt(notification, 0)
+
+            # The health check logs in too: wrong credentials are unhealthy, not "answered".
+            with pytest.raises(MailDeliveryError) as check_failed:
+                await check_smtp(wrong, 5.0)
+            async with running_app(wrong) as (_, client):
+                health = await client.get("/api/v1/health/mail", headers=OPERATOR)
     finally:
         await server.stop()
 
@@ -772,6 +1100,11 @@ async def test_starttls_with_a_private_ca_and_auth(
     assert mail.tls and mail.login == "courier"
     assert item.url in mail.part("plain")
     assert denied.status is Status.PENDING and "authentication failed" in (denied.error or "")
+    assert "authentication failed: 535" in str(check_failed.value)
+    assert health.status_code == 503, health.text
+    assert "authentication failed" in health.json()["error"]
+    for shown in (str(check_failed.value), check_failed.value.reason, health.text):
+        assert "wrong smtp password" not in shown and password not in shown
     assert untrusted.status is Status.PENDING and "certificate" in (untrusted.error or "").lower()
     assert len(server.received) == 1
     log = our_log(caplog)
@@ -827,8 +1160,8 @@ async def test_health_talks_to_the_server_and_shows_the_courier_to_operators(
         report = (await client.get("/api/v1/health", headers=OPERATOR)).json()
     assert detailed["status"] == "healthy" and detailed["latency_ms"] >= 0
     assert set(detailed["details"]["courier"]) >= {
-        "sent_total", "failed_total", "skipped_total", "pending_retry", "last_error",
-        "last_error_at", "last_sent_at",
+        "sent_total", "failed_total", "skipped_total", "pending_retry", "pending_retries",
+        "last_error", "last_error_at", "last_sent_at",
     }  # fmt: skip
     assert anonymous == {"status": "healthy"}
     assert report["checks"]["mail"]["status"] == "healthy" and report["status"] == "healthy"
@@ -938,12 +1271,17 @@ async def test_a_newcomer_gets_the_verification_mail_and_its_link_works(
     settings = mail_settings(make_settings, smtp, LOGIN_RATE_LIMIT_PER_IP=1000)
     async with running_app(settings) as (app, client):
         email = f"newcomer-{uuid.uuid4().hex[:8]}@example.com"
+        # Anyone may register with somebody else's address, under any name: the mail to that
+        # address must not carry the name.
         registered = await client.post(
-            "/api/v1/auth/register", json={"email": email, "password": "a long enough secret"}
+            "/api/v1/auth/register",
+            json={"email": email, "password": "a long enough secret", "full_name": PHISHING_NAME},
         )
         assert registered.status_code == 201, registered.text
         [mail] = await eventually(lambda: smtp.to(email), timeout=20)
         text = mail.part("plain")
+        for shown in (text, mail.part("html"), *map(str, mail.message.values())):
+            assert "URGENT" not in shown and "evil.example" not in shown
         match = re.search(r"https://app\.example\.com/verify-email\?token=([\w-]+)", text)
         assert match, text
         confirmed = await client.post(

@@ -1,9 +1,11 @@
 """Which IP address a request comes from.
 
 The peer of the TCP connection is the client, unless that peer is one of ``TRUSTED_PROXIES``:
-then the proxy's ``X-Forwarded-For`` (or RFC 7239 ``Forwarded``) header names it. The header is
-read from the right, skipping our own proxies, and the first address that is not one of them is
-the client — entries further left were written by whoever sent the request and prove nothing.
+then the header those proxies write (``FORWARDED_HEADER``: ``X-Forwarded-For``, or RFC 7239
+``Forwarded``; the other one is ignored, since a proxy passes on whatever the client sent in it)
+names it. All lines of that header are read as one list, from the right, skipping our own
+proxies, and the first address that is not one of them is the client — entries further left
+were written by whoever sent the request and prove nothing.
 Every entry must parse as an IP address; text that does not (a forged or broken header) is never
 stored or logged: the last trusted hop stands in for the client instead.
 
@@ -57,20 +59,20 @@ def _trusted(address: str, networks: Sequence[IPNetwork]) -> bool:
 
 def client_ip(
     peer: str | None,
-    forwarded_for: str | None,
-    forwarded: str | None,
+    header_lines: Sequence[str],
+    header: str,
     trusted: Sequence[IPNetwork],
 ) -> str:
-    """The client's address for a request from ``peer`` carrying these headers."""
+    """The client's address for a request from ``peer`` whose ``header`` (``X-Forwarded-For``
+    or ``Forwarded``) came in ``header_lines``."""
     current = parse_ip(peer) if peer else None
     if current is None:
         return UNKNOWN
-    if forwarded_for is not None:
-        hops = [hop for hop in forwarded_for.split(",") if hop.strip()]
-    elif forwarded is not None:
-        hops = _hops_from_forwarded(forwarded)
+    joined = ",".join(header_lines)
+    if header.lower() == "forwarded":
+        hops = _hops_from_forwarded(joined)
     else:
-        hops = []
+        hops = [hop for hop in joined.split(",") if hop.strip()]
     for hop in reversed(hops):
         if not _trusted(current, trusted):
             break

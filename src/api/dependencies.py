@@ -61,8 +61,8 @@ def get_client_info(request: Request) -> ClientInfo:
     settings: Settings = request.app.state.settings
     ip = client_ip(
         request.client.host if request.client else None,
-        request.headers.get("x-forwarded-for"),
-        request.headers.get("forwarded"),
+        request.headers.getlist(settings.FORWARDED_HEADER),
+        settings.FORWARDED_HEADER,
         settings.trusted_proxy_networks,
     )
     return ClientInfo(ip=ip, user_agent=request.headers.get("user-agent"))

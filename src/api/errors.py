@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.errors import DomainError
 
@@ -117,9 +118,39 @@ async def _database_unavailable(request: Request, exc: Exception) -> ProblemResp
     )
 
 
-async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:
-    logger.exception("Unhandled error while serving %s %s", request.method, request.url.path)
-    return problem_response(500, instance=request.url.path)
+class UnhandledErrorMiddleware:
+    """The last line: any other exception becomes a bare 500 problem, logged once.
+
+    Starlette's own handler for ``Exception`` sits outside every middleware (so its 500 would
+    miss the security headers) and re-raises after answering (so the server logs the traceback a
+    second time and drops the connection). Here the error is answered inside the middleware
+    stack and goes no further.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            logger.exception(
+                "Unhandled error while serving %s %s", scope.get("method"), scope.get("path")
+            )
+            if started:
+                raise  # half an answer is out: only the server can end the connection now
+            await problem_response(500, instance=scope.get("path"))(scope, receive, send)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -128,4 +159,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     for exc_type in (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, OSError):
         app.add_exception_handler(exc_type, _database_unavailable)
-    app.add_exception_handler(Exception, _unhandled)
+    app.add_middleware(UnhandledErrorMiddleware)

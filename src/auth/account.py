@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from src.auth.context import Principal, Security
+from src.auth.passwords import unusable_password
 from src.auth.secrets import hash_token
 from src.auth.service import ClientInfo, verify_password
 from src.db.models import OneTimeToken, User
@@ -85,11 +86,13 @@ async def request_email_change(
         )
     ensure_address_allowed(sec.settings, new_email)
     user = await _reauthenticate(db, sec, principal, current_password, client)
-    if await repository.email_taken(db, new_email):
-        raise Conflict("An account with this email already exists.")
+    # Throttled before the answer can say "taken": otherwise this would be a fast, unthrottled
+    # way to ask which addresses have accounts (registration is throttled the same way).
     wait = await sec.throttle.hit("email_change", client.ip, new_email)
     if wait is not None:
         raise TooManyRequests(wait)
+    if await repository.email_taken(db, new_email, utcnow(), by_other_than=user.id):
+        raise Conflict("An account with this email already exists.")
     await send_one_time_link(
         db,
         sec,
@@ -135,7 +138,7 @@ async def _move_to(
         await repository.spend_one_time_tokens(db, user.id, purpose, utcnow())
     if previous == email:
         return previous
-    if await repository.email_taken(db, email):
+    if await repository.email_taken(db, email, utcnow(), by_other_than=user.id):
         raise Conflict("An account with this email already exists.")
     user.email, user.email_verified, user.updated_at = email, True, utcnow()
     try:
@@ -183,14 +186,25 @@ async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> U
 
 async def undo_email_change(db: AsyncSession, sec: Security, token: str) -> None:
     """The old address says the change was not wanted: take the address back, end every session,
-    and mail a password reset link there (whoever made the change knew the password).
+    make the password unusable and mail a reset link there (whoever made the change knew the
+    password: it must not let them back in).
 
     Undo links issued before this one stay valid: after A -> B -> C, the link that went to B
     (perhaps an attacker's) can take the account back to B, but A's link still takes it to A.
     The oldest address always has the last word until its link expires.
     """
     row, user = await _spend(db, token, EMAIL_UNDO)
+    # Whoever made the change knew the password: it stops working, and only the reset link
+    # mailed below (to the restored address) lets anyone in again.
+    user.password_hash = unusable_password()
     revoked = await repository.revoke_sessions(db, user.id, utcnow(), "email_change_undone")
+    record_event(
+        db,
+        sec.settings,
+        EventType.PASSWORD_CHANGED,
+        user.id,
+        {"id": user.id, "reason": "email_change_undone", "sessions_revoked": len(revoked)},
+    )
     await _move_to(
         db,
         sec,

@@ -6,8 +6,9 @@ cost ~37 ms a token (PyJWT re-parses PEM text) and a thread pool per login.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
@@ -20,6 +21,8 @@ from src.services.connections import get_redis_from_app
 from src.users.cache import UserCache
 from src.users.schemas import UserPublic
 
+MAIL_REQUESTS_IN_FLIGHT = 32
+
 
 @dataclass(frozen=True)
 class Security:
@@ -30,6 +33,10 @@ class Security:
     throttle: RequestThrottle
     cache: UserCache
     sealer: Sealer
+    # Mail requests (reset, verification) at work after their answer, at most this many at once.
+    mail_requests: asyncio.Semaphore = field(
+        default_factory=lambda: asyncio.Semaphore(MAIL_REQUESTS_IN_FLIGHT)
+    )
 
     def close(self) -> None:
         self.hasher.close()

@@ -64,6 +64,11 @@ def _is_encodable(text: str) -> bool:
     return True
 
 
+def unusable_password() -> str:
+    """A stored "hash" no password matches: the account signs in again only through a reset."""
+    return "!" + secrets.token_hex(16)
+
+
 def check_password_policy(password: str, email: str | None = None) -> None:
     """Raise PasswordPolicyError when the password is too weak; return None when acceptable."""
     normalized = normalize_password(password)
@@ -121,7 +126,14 @@ class PasswordHasher:
             return False
 
     async def verify(self, stored_hash: str, password: str) -> bool:
-        """True on a match; False for a mismatch or an unusable hash (never raises for those)."""
+        """True on a match; False for a mismatch or an unusable hash (never raises for those).
+
+        An unusable hash (``unusable_password()``, or a corrupt one) costs the time of a real
+        verification too, so the answer's timing does not single such accounts out.
+        """
+        if not stored_hash.startswith("$argon2"):
+            await self.verify_dummy(password)
+            return False
         return await self._run(self._verify_sync, stored_hash, normalize_password(password))
 
     async def verify_dummy(self, password: str) -> None:

@@ -336,6 +336,17 @@ class LoginGuard(_RedisOrLocal):
 
         await self._decide(remote, lambda: None)
 
+    async def forget_account(self, account: str) -> None:
+        """The owner proved control of the account's mail (a password reset): end its streak,
+        so the owner is not left waiting behind an attack's failures."""
+        key = self._keys("", account)[2]
+        self._local.forget(key)
+
+        async def remote(client: Redis) -> None:
+            await client.delete(key)
+
+        await self._decide(remote, lambda: None)
+
 
 class RequestThrottle(_RedisOrLocal):
     """Sliding windows per client address and per target email for one kind of request."""

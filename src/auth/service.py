@@ -6,16 +6,19 @@ reason, never with a password or a token.
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.auth.context import Principal, Security
 from src.auth.jwt import TokenError
-from src.auth.rate_limit import LoginDecision
+from src.auth.rate_limit import LoginDecision, client_key
 from src.auth.secrets import hash_token, new_token
 from src.db.models import RefreshToken, User, UserSession
 from src.db.types import utcnow
@@ -64,7 +67,8 @@ async def _admit(
     async def known_address() -> bool:
         # The same query whether the account exists or not: its timing reveals nothing.
         user_id = user.id if user is not None else uuid.uuid4()
-        return (await repository.sign_in_history(db, user_id, client.ip, _known_since(sec)))[1]
+        network = client_key(client.ip)
+        return (await repository.sign_in_history(db, user_id, network, _known_since(sec)))[1]
 
     decision = await sec.guard.admit(client.ip, key, known_address)
     if decision.wait is not None:
@@ -95,6 +99,10 @@ async def verify_password(
 # --- password grant -------------------------------------------------------------------------------
 
 
+# Runs work after the response has gone (FastAPI's BackgroundTasks.add_task fits).
+Defer = Callable[[Callable[[], Awaitable[None]]], None]
+
+
 async def login(
     db: AsyncSession,
     sec: Security,
@@ -102,7 +110,13 @@ async def login(
     password: str,
     client: ClientInfo,
     client_id: str | None = None,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    defer: Defer,
 ) -> TokenResponse:
+    """The password grant. A wrong password for an existing account and any password for an
+    unknown one cost the same before the answer (one argon2 verification); the failure event
+    of the former is recorded after it, so no write gives the account away."""
     account = canonical_email(username)
     user = await repository.get_user_by_email(db, account) if account else None
     decision = await _admit(db, sec, _guard_key(username), user, client)
@@ -115,19 +129,15 @@ async def login(
 
     if not await sec.hasher.verify(user.password_hash, password):
         locked_for = decision.lock_if_wrong
-        record_event(
-            db,
-            sec.settings,
-            EventType.LOGIN_FAILED,
-            user.id,
-            {
-                "id": user.id,
-                "ip": client.ip,
-                "reason": "invalid_credentials",
-                "locked_for_seconds": locked_for,
-            },
-        )
-        await db.commit()
+        failure = {
+            "id": user.id,
+            "ip": client.ip,
+            "reason": "invalid_credentials",
+            "locked_for_seconds": locked_for,
+        }
+        # A partial, not a lambda: Starlette awaits a coroutine function (partials included),
+        # but would run a lambda in a thread and drop the coroutine it returns.
+        defer(functools.partial(_record_failure, sessions, sec, user.id, failure))
         audit.info(
             "login failed: user=%s ip=%s reason=invalid_credentials%s",
             user.id,
@@ -161,6 +171,22 @@ async def login(
     return _token_response(sec, user, session, refresh)
 
 
+async def _record_failure(
+    sessions: async_sessionmaker[AsyncSession],
+    sec: Security,
+    user_id: uuid.UUID,
+    data: dict[str, Any],
+) -> None:
+    try:
+        async with sessions() as db:
+            record_event(db, sec.settings, EventType.LOGIN_FAILED, user_id, data)
+            await db.commit()
+    except Exception as exc:  # noqa: BLE001 - the answer is out; the audit log line remains
+        logger.warning(
+            "login failure event not recorded (%s): user=%s", type(exc).__name__, user_id
+        )
+
+
 async def _notice_new_address(
     db: AsyncSession, sec: Security, user: User, client: ClientInfo
 ) -> None:
@@ -168,7 +194,9 @@ async def _notice_new_address(
     very first sign-in: that one the user expects)."""
     if not sec.settings.NOTIFY_NEW_SIGN_IN:
         return
-    ever, from_here = await repository.sign_in_history(db, user.id, client.ip, _known_since(sec))
+    ever, from_here = await repository.sign_in_history(
+        db, user.id, client_key(client.ip), _known_since(sec)
+    )
     if not ever or from_here:
         return
     record_notification(
@@ -180,7 +208,6 @@ async def _notice_new_address(
         {
             "user_id": user.id,
             "email": user.email,
-            "full_name": user.full_name,
             "ip": client.ip,
             "user_agent": client.user_agent,
             "time": utcnow(),
@@ -204,6 +231,7 @@ async def _open_session(
         ip_address=client.ip,
         user_agent=(client.user_agent or "")[:512] or None,
         client_id=client_id,
+        sign_in_network=client_key(client.ip),
     )
     db.add(session)
     # The tables have no ORM relationships, so the session row must exist before its token's.
@@ -387,25 +415,45 @@ async def request_password_reset(
     Runs after the response (the endpoint always answers 202 at once), so neither the answer nor
     its timing tells whether the account exists, nor whether the request was throttled.
     """
-    if await _throttled(sec, "password_reset", email, client):
+
+    async def work() -> None:
+        async with sessions() as db:
+            user = await repository.get_user_by_email(db, email)
+            if user is None or not user.is_active:
+                logger.info("password reset requested for no active account")
+                return
+            await send_one_time_link(
+                db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"
+            )
+            await db.commit()
+        logger.info("password reset requested: user=%s", user.id)
+
+    await _after_the_answer(sec, "password_reset", email, client, work)
+
+
+async def _after_the_answer(
+    sec: Security,
+    action: str,
+    email: str,
+    client: ClientInfo,
+    work: Callable[[], Awaitable[None]],
+) -> None:
+    """The part of a mail request that runs after its 202: throttled, bounded, never raising.
+
+    At most ``MAIL_REQUESTS_IN_FLIGHT`` run at once; beyond that a request is dropped (the
+    answer was the same 202 either way), so a flood cannot pile up work behind the answers.
+    """
+    if sec.mail_requests.locked():
+        logger.warning("%s request dropped: ip=%s reason=busy", action, client.ip)
         return
-    async with sessions() as db:
-        user = await repository.get_user_by_email(db, email)
-        if user is None or not user.is_active:
-            logger.info("password reset requested for no active account")
-            return
-        await send_one_time_link(
-            db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"
-        )
-        await db.commit()
-    logger.info("password reset requested: user=%s", user.id)
-
-
-async def _throttled(sec: Security, action: str, email: str, client: ClientInfo) -> bool:
-    wait = await sec.throttle.hit(action, client.ip, email)
-    if wait is not None:
-        logger.warning("%s request dropped: ip=%s reason=rate_limited", action, client.ip)
-    return wait is not None
+    async with sec.mail_requests:
+        try:
+            if await sec.throttle.hit(action, client.ip, email) is not None:
+                logger.warning("%s request dropped: ip=%s reason=rate_limited", action, client.ip)
+                return
+            await work()
+        except Exception as exc:  # noqa: BLE001 - nobody is waiting for an answer any more
+            logger.warning("%s request failed (%s): ip=%s", action, type(exc).__name__, client.ip)
 
 
 async def _spend_token(db: AsyncSession, token: str, purpose: str) -> User:
@@ -427,20 +475,23 @@ async def confirm_password_reset(
     user = await _spend_token(db, token, PASSWORD_RESET)
     enforce_password_policy(new_password, user.email)
     await set_password(db, sec, user, new_password, reason="reset")
+    await sec.guard.forget_account(user.email)
 
 
 async def request_email_verification(
     sessions: async_sessionmaker[AsyncSession], sec: Security, email: str, client: ClientInfo
 ) -> None:
     """Mail a new verification link; runs after the response, like a reset request."""
-    if await _throttled(sec, "verification", email, client):
-        return
-    async with sessions() as db:
-        user = await repository.get_user_by_email(db, email)
-        if user is None or not user.is_active or user.email_verified:
-            return
-        await record_verification_request(db, sec, user)
-        await db.commit()
+
+    async def work() -> None:
+        async with sessions() as db:
+            user = await repository.get_user_by_email(db, email)
+            if user is None or not user.is_active or user.email_verified:
+                return
+            await record_verification_request(db, sec, user)
+            await db.commit()
+
+    await _after_the_answer(sec, "verification", email, client, work)
 
 
 async def confirm_email_verification(db: AsyncSession, sec: Security, token: str) -> User:

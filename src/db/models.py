@@ -74,10 +74,13 @@ class UserSession(Base):
     user_agent: Mapped[str | None] = mapped_column(String(512))
     # The OAuth client that signed in (``client_id``); its refresh tokens work for it alone.
     client_id: Mapped[str | None] = mapped_column(String(255))
+    # Where the password was entered (an IPv4 address, or an IPv6 /64): unlike ip_address it
+    # never moves with a refresh, so only a password sign-in makes an address "known".
+    sign_in_network: Mapped[str | None] = mapped_column(String(45))
 
 
-# "Has this address signed in to this account lately?" is asked on every throttled login.
-Index("ix_sessions_user_id_ip_address", UserSession.user_id, UserSession.ip_address)
+# "Did the password open a session from this network lately?" (the login guard, new sign-ins).
+Index("ix_sessions_user_id_sign_in_network", UserSession.user_id, UserSession.sign_in_network)
 
 
 class RefreshToken(Base):
@@ -172,16 +175,30 @@ Index("ix_audit_events_user_position", AuditEvent.user_id, AuditEvent.position)
 
 
 class MailDelivery(Base):
-    """One notification the courier handled, by event id: how each is mailed at most once."""
+    """One notification the courier handled, by event id: how each is mailed at most once, and
+    where one that failed for now waits for its next attempt (retried out of line)."""
 
     __tablename__ = "mail_deliveries"
+    # The retry loop asks for "pending rows of my topic due by now, earliest first".
+    __table_args__ = (Index("ix_mail_deliveries_due", "status", "topic", "next_attempt_at"),)
 
     event_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    # The notifications topic the event came from: a courier retries only its own topic's mail.
+    topic: Mapped[str] = mapped_column(String(255))
     type: Mapped[str] = mapped_column(String(64))
-    # sent | failed (gave up after MAIL_MAX_ATTEMPTS, or refused for good) | skipped (expired,
-    # unreadable, or nobody to send to)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    # The user the notification is about (CloudEvents "subject"), for the log lines of retries.
+    user_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    # pending (failed for now, tried again at next_attempt_at) | sent | failed (gave up after
+    # MAIL_MAX_ATTEMPTS, refused for good, or not renderable) | skipped (expired, unreadable, or
+    # nobody to send to)
+    status: Mapped[str] = mapped_column(String(16))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # While pending only, NULL once finished: when to try again, and what to mail then without
+    # the source record (the event's ``data``, and its one-time link still sealed, bound to the
+    # event id: a database reader cannot use it).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    sealed: Mapped[str | None] = mapped_column(Text)

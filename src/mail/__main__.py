@@ -22,9 +22,10 @@ Mail notifications (email verification, password reset, email change, new sign-i
 
 With KAFKA_ENABLED (the default) it reads KAFKA_NOTIFICATIONS_TOPIC in the consumer group
 MAIL_COURIER_GROUP_ID; with KAFKA_ENABLED=false it reads the outbox table of DATABASE_URL.
-Each notification is mailed once (recorded in the mail_deliveries table); temporary SMTP failures
-are retried with backoff (MAIL_RETRY_BACKOFF_INITIAL .. MAIL_RETRY_BACKOFF_MAX), at most
-MAIL_MAX_ATTEMPTS times.
+Each notification is mailed once (recorded in the mail_deliveries table). A temporary SMTP failure
+(server down, a 4xx answer) does not hold up the others: the mail waits in mail_deliveries and is
+retried alongside with backoff (MAIL_RETRY_BACKOFF_INITIAL .. MAIL_RETRY_BACKOFF_MAX), at most
+MAIL_MAX_ATTEMPTS times; a restarted courier carries on with it.
 
 Settings come from the environment or .env, as for the service: SMTP_HOST (required), SMTP_PORT,
 SMTP_SECURITY (starttls, tls, none), SMTP_USERNAME, SMTP_PASSWORD, SMTP_TIMEOUT, SMTP_CA_FILE,
@@ -42,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="connect to the SMTP server (TLS as configured, EHLO, QUIT), report, and exit: "
-        "0 when it answered, 1 when it did not",
+        help="connect to the SMTP server (TLS as configured, EHLO, AUTH when SMTP_USERNAME is "
+        "set, QUIT; no mail is sent), report, and exit: 0 when all of it worked, 1 otherwise",
     )
     return parser
 
@@ -63,9 +64,10 @@ async def _check() -> int:
         reason = (
             f"timed out after {settings.SMTP_TIMEOUT:g}s" if isinstance(exc, TimeoutError) else exc
         )
-        print(f"SMTP server {where} did not answer: {reason}", file=sys.stderr)
+        print(f"SMTP server {where} failed the check: {reason}", file=sys.stderr)
         return 1
-    print(f"SMTP server {where} answered in {latency:.0f} ms")
+    login = f", accepted the login of {settings.SMTP_USERNAME}" if settings.SMTP_USERNAME else ""
+    print(f"SMTP server {where} answered{login} in {latency:.0f} ms")
     return 0
 
 

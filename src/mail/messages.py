@@ -2,11 +2,15 @@
 
 Everything here is pure (no I/O), so every template can be checked without a mail server.
 
-Every free-text value in an event (a full name, a user agent) was typed by somebody, possibly an
-attacker, so it is treated as hostile: control and formatting characters (CR/LF, bidirectional
-overrides) are flattened to spaces before it goes anywhere, HTML templates are autoescaped, and the
-recipient header is built with ``email.headerregistry.Address``, which quotes a display name and
-refuses line breaks, so no value can add a header or a recipient.
+Anyone can register with somebody else's address, so a mail must not carry words its recipient
+did not choose: the full name (or any other text a user typed) is never put into a mail, not even
+as the display name of ``To``; every mail greets with a plain "Hello,". The one exception is the
+user agent of a new sign-in, which the recipient needs to recognise the device: it is cut to
+``USER_AGENT_LIMIT`` characters and shown in quotes, labelled as what the browser or app reported
+about itself. Every value from an event is still treated as hostile: control and formatting
+characters (CR/LF, bidirectional overrides) are flattened to spaces, HTML templates are
+autoescaped, and headers are built with ``email.headerregistry.Address``, which refuses line
+breaks, so no value can add a header or a recipient.
 """
 
 from __future__ import annotations
@@ -46,8 +50,11 @@ LINK_EVENTS = frozenset(
     }
 )
 
-_NAME_LIMIT = 100
+# The keys of an event's ``data`` that ``build_message`` reads (all a later retry needs to keep).
+MAIL_FIELDS = frozenset({"email", "expires_at", "new_email", "ip", "user_agent", "time"})
+
 _TEXT_LIMIT = 200
+USER_AGENT_LIMIT = 200
 
 
 class Unmailable(ValueError):
@@ -103,8 +110,9 @@ def sender_address(settings: Settings) -> Address:
         ) from None
 
 
-def recipient_address(email: Any, full_name: Any) -> Address:
-    """The ``To`` of a mail: the address in its ASCII form (IDNA domain), the name cleaned."""
+def recipient_address(email: Any) -> Address:
+    """The ``To`` of a mail: the address alone, in its ASCII form (IDNA domain). No display name:
+    the name on an account is whatever its registrant typed, not necessarily the recipient's."""
     if not isinstance(email, str) or not email.strip():
         raise Unmailable("no recipient address")
     try:
@@ -116,11 +124,19 @@ def recipient_address(email: Any, full_name: Any) -> Address:
         # build the header for it.
         raise Unmailable("the recipient address has a non-ASCII local part")
     try:
-        return Address(
-            display_name=clean_text(full_name, _NAME_LIMIT) or "", addr_spec=checked.ascii_email
-        )
+        return Address(addr_spec=checked.ascii_email)
     except (ValueError, IndexError):
         raise Unmailable("the recipient address is not valid") from None
+
+
+def quoted_user_agent(value: Any) -> str | None:
+    """The user agent of a sign-in as data to show between double quotes: one cleaned line of at
+    most ``USER_AGENT_LIMIT`` characters, its own double quotes turned into single ones so that it
+    cannot close the quotes and seem to continue as our text."""
+    text = clean_text(value, USER_AGENT_LIMIT)
+    if text is None:
+        return None
+    return text.replace('"', "'").replace("\u201c", "'").replace("\u201d", "'")
 
 
 @functools.cache
@@ -159,19 +175,18 @@ def build_message(
     if link and urlsplit(link).scheme not in ("https", "http"):
         raise Unmailable("the link is not an http(s) URL")
     sender = sender_address(settings)
-    recipient = recipient_address(data.get("email"), data.get("full_name"))
+    recipient = recipient_address(data.get("email"))
     project = clean_text(settings.PROJECT_NAME) or "User Management Service"
     heading = SUBJECTS[kind]
     context = {
         "heading": heading,
         "project_name": project,
-        "name": clean_text(data.get("full_name"), _NAME_LIMIT),
         "email": clean_text(data.get("email")),
         "link": link or "",
         "expires_at": _format_time(data.get("expires_at")),
         "new_email": clean_text(data.get("new_email")),
         "ip": clean_text(data.get("ip")),
-        "user_agent": clean_text(data.get("user_agent")),
+        "user_agent": quoted_user_agent(data.get("user_agent")),
         "time": _format_time(data.get("time")),
         "base_url": settings.PUBLIC_BASE_URL,
     }

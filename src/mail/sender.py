@@ -102,8 +102,9 @@ def _local_hostname() -> str:
     return socket.getfqdn()
 
 
-async def _client(settings: Settings, timeout: float, *, login: bool) -> aiosmtplib.SMTP:
-    """An SMTP client for the configured server (not yet connected)."""
+async def _client(settings: Settings, timeout: float) -> aiosmtplib.SMTP:
+    """An SMTP client for the configured server (not yet connected); it logs in on connecting
+    when ``SMTP_USERNAME`` is set."""
     if not settings.SMTP_HOST:
         raise MailDeliveryError("SMTP_HOST is not set", permanent=False)
     security = settings.SMTP_SECURITY
@@ -121,16 +122,19 @@ async def _client(settings: Settings, timeout: float, *, login: bool) -> aiosmtp
         start_tls=security == "starttls",
         tls_context=tls,
         local_hostname=await asyncio.to_thread(_local_hostname),
-        username=settings.SMTP_USERNAME if login else None,
-        password=password if login and settings.SMTP_USERNAME else None,
+        username=settings.SMTP_USERNAME,
+        password=password if settings.SMTP_USERNAME else None,
     )
 
 
-def _without_password(reason: str, settings: Settings) -> str:
+def _failure(exc: BaseException, settings: Settings) -> MailDeliveryError:
+    """``exc`` classified, its reason (and text) without the SMTP password, cut short."""
+    error = classify(exc)
+    reason = error.reason
     password = settings.SMTP_PASSWORD.get_secret_value() if settings.SMTP_PASSWORD else ""
     if password:
         reason = reason.replace(password, "[redacted]")
-    return reason[:_REASON_LIMIT]
+    return MailDeliveryError(reason[:_REASON_LIMIT], permanent=error.permanent)
 
 
 class SmtpSender:
@@ -145,7 +149,7 @@ class SmtpSender:
         client: aiosmtplib.SMTP | None = None
         try:
             async with asyncio.timeout(timeout * CONVERSATION_TIMEOUTS):
-                client = await _client(self.settings, timeout, login=True)
+                client = await _client(self.settings, timeout)
                 await client.connect()
                 await client.send_message(message)
         except asyncio.CancelledError:
@@ -155,9 +159,7 @@ class SmtpSender:
         except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes raw
             if client is not None:
                 client.close()
-            error = classify(exc)
-            error.reason = _without_password(error.reason, self.settings)
-            raise error from None
+            raise _failure(exc, self.settings) from None
         # Accepted. From here on nothing may fail the mail (a retry would send it twice): QUIT
         # is a courtesy, bounded, and its failures are ignored.
         try:
@@ -169,15 +171,28 @@ class SmtpSender:
 
 
 async def check_smtp(settings: Settings, timeout: float) -> float:
-    """Connect (with TLS as configured), EHLO and QUIT under ``timeout``; return the latency in
-    milliseconds. No AUTH: a health probe should not lock an account out with a provider."""
+    """Connect (with TLS as configured), log in when ``SMTP_USERNAME`` is set, EHLO and QUIT under
+    ``timeout``; send no mail. Return the latency in milliseconds.
+
+    Logging in is part of the check: wrong credentials fail every mail, so a check without AUTH
+    would call a courier healthy that cannot send anything. (The health endpoint reuses one probe
+    for ``SMTP_PROBE_REUSE_SECONDS``, so it cannot be made to hammer the provider with logins.)
+    A failure raises ``TimeoutError``, or ``MailDeliveryError`` whose reason never holds the
+    password.
+    """
     started = time.perf_counter()
-    async with asyncio.timeout(timeout):
-        client = await _client(settings, timeout, login=False)
-        await client.connect()
-        try:
+    client: aiosmtplib.SMTP | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            client = await _client(settings, timeout)
+            await client.connect()  # TLS as configured, then AUTH if there are credentials
             await client.ehlo()
             await client.quit()
-        finally:
+    except TimeoutError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified, so nothing raw (or secret) escapes
+        raise _failure(exc, settings) from None
+    finally:
+        if client is not None:
             client.close()
     return (time.perf_counter() - started) * 1000

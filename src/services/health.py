@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI
 from pydantic import BaseModel
@@ -22,6 +23,8 @@ from src.db.types import utcnow
 from src.events.outbox import outbox_backlog
 from src.mail.sender import check_smtp
 from src.services.redis_client import ping
+
+T = TypeVar("T")
 
 
 class CheckStatus(StrEnum):
@@ -132,41 +135,63 @@ async def _outbox_details(app: FastAPI, timeout: float) -> dict[str, Any] | None
     return details
 
 
-class _ReusedProbe:
-    """One SMTP conversation answers every health request for a few seconds.
+SMTP_PROBE_REUSE_SECONDS = 10.0
 
-    Health is public, and every other check costs only our own servers; an SMTP conversation per
-    request would let anyone make us hammer the mail provider, which may then throttle or block
-    our real mail. Concurrent requests share the probe in flight.
+
+class SharedResult(Generic[T]):
+    """One computation answers every caller for ``reuse_seconds``; concurrent callers share the
+    one in flight.
+
+    Health is public. Without this, a flood of anonymous requests becomes a flood of checks
+    against the database (exhausting its pool, so health itself reports it down) and of SMTP
+    conversations with the mail provider (which may then throttle or block our real mail).
     """
 
     def __init__(self, reuse_seconds: float) -> None:
         self._reuse = reuse_seconds
-        self._task: asyncio.Task[CheckResult] | None = None
+        self._task: asyncio.Task[T] | None = None
         self._at = 0.0
 
-    async def result(self, run: Callable[[], Awaitable[CheckResult]]) -> CheckResult:
-        if self._task is None or (self._task.done() and time.monotonic() - self._at > self._reuse):
-            self._task, self._at = asyncio.ensure_future(run()), time.monotonic()
-        return (await asyncio.shield(self._task)).model_copy()
+    async def get(self, compute: Callable[[], Awaitable[T]]) -> T:
+        stale = time.monotonic() - self._at > self._reuse
+        if self._task is None or (self._task.done() and stale):
+            self._task, self._at = asyncio.ensure_future(compute()), time.monotonic()
+        return await asyncio.shield(self._task)
 
 
-SMTP_PROBE_REUSE_SECONDS = 10.0
+@dataclass
+class HealthShares:
+    """What anonymous callers share (operators get fresh answers), and the SMTP probe, which
+    everyone shares."""
+
+    report: SharedResult[HealthReport] = field(default_factory=lambda: SharedResult(1.0))
+    readiness: SharedResult[str | None] = field(default_factory=lambda: SharedResult(1.0))
+    smtp: SharedResult[CheckResult] = field(
+        default_factory=lambda: SharedResult(SMTP_PROBE_REUSE_SECONDS)
+    )
+
+
+def shares(app: FastAPI) -> HealthShares:
+    found: HealthShares | None = getattr(app.state, "health_shares", None)
+    if found is None:
+        found = app.state.health_shares = HealthShares()
+    return found
 
 
 async def check_mail_health(app: FastAPI) -> CheckResult:
-    """A live SMTP conversation (connect, TLS as configured, EHLO, QUIT), reused for
+    """A live SMTP conversation (connect, TLS as configured, EHLO, AUTH when SMTP_USERNAME is
+    set, QUIT), shared for
     ``SMTP_PROBE_REUSE_SECONDS``, plus the counters of the courier running in this process."""
     settings: Settings = app.state.settings
     courier = getattr(app.state, "courier", None)
     if not settings.mail_enabled:
         result = CheckResult(status=CheckStatus.DISABLED)
     else:
-        probe = getattr(app.state, "smtp_probe", None)
-        if probe is None:
-            probe = app.state.smtp_probe = _ReusedProbe(SMTP_PROBE_REUSE_SECONDS)
         timeout = settings.HEALTH_CHECK_TIMEOUT
-        result = await probe.result(lambda: _run(lambda: check_smtp(settings, timeout), timeout))
+        probe = await shares(app).smtp.get(
+            lambda: _run(lambda: check_smtp(settings, timeout), timeout)
+        )
+        result = probe.model_copy()
     if courier is not None:
         result.details = {"courier": courier.stats()}
     return result

@@ -27,6 +27,15 @@ _ALLOWED_MIXES = (
 )
 
 
+# Lower-case Cyrillic and Greek letters that pass for Latin ones (the set browsers use to show
+# such domains as punycode): a part made only of these reads as a Latin word ("apple", "paypal").
+_LATIN_LOOKALIKES = frozenset(
+    "\u0430\u0441\u0501\u0435\u04bb\u0456\u0458\u04cf\u043e\u0440\u051b\u0455\u051d"
+    "\u0445\u0443\u044a\u044c\u04bd\u043f\u0433\u0475\u0461"  # Cyrillic
+    "\u03b1\u03b9\u03ba\u03bd\u03bf\u03c1\u03c5\u03c7"  # Greek
+)
+
+
 def canonical_email(text: str) -> str | None:
     """The stored form of an address (NFC, lower case, IDNA domain in Unicode), or ``None`` when
     the text is not an address any account can have."""
@@ -55,6 +64,13 @@ def _mixes_scripts(part: str) -> bool:
     return not any(scripts <= allowed for allowed in _ALLOWED_MIXES)
 
 
+def _passes_for_latin(part: str) -> bool:
+    """A whole part written in Cyrillic or Greek letters that all look like Latin ones."""
+    letters = [char for char in part if _script(char) is not None]
+    scripts = {_script(char) for char in letters}
+    return bool(letters) and scripts <= {"CYRILLIC", "GREEK"} and set(letters) <= _LATIN_LOOKALIKES
+
+
 def confusable_reason(address: str) -> str | None:
     """Why an address could pass for another one, or ``None`` when it could not."""
     if unicodedata.normalize("NFKC", address) != address:
@@ -62,6 +78,9 @@ def confusable_reason(address: str) -> str | None:
     if any(unicodedata.category(char) in ("Cf", "Cc", "Co", "Cn") for char in address):
         return "it contains invisible or unassigned characters"
     local, _, domain = address.rpartition("@")
-    if any(_mixes_scripts(part) for part in (local, *domain.split("."))):
+    parts = (local, *domain.split("."))
+    if any(_mixes_scripts(part) for part in parts):
         return "it mixes letters of different scripts"
+    if any(_passes_for_latin(part) for part in parts):
+        return "it is written in letters that look like Latin ones"
     return None

@@ -114,14 +114,18 @@ async def list_active_sessions(
 
 
 async def sign_in_history(
-    db: AsyncSession, user_id: uuid.UUID, ip: str, since: datetime
+    db: AsyncSession, user_id: uuid.UUID, network: str, since: datetime
 ) -> tuple[bool, bool]:
-    """(has the user ever signed in, has ``ip`` used a session of the user since ``since``).
+    """(has the user ever signed in, did the password open a session from ``network`` since
+    ``since`` that no security event has ended).
 
-    A session's address and last use move with every refresh, so "used from here lately" also
-    covers a device that stays signed in.
+    Only a password sign-in counts — a refresh proves a token, not the password — and a session
+    ended as stolen, revoked by the user or by a password change vouches for nothing.
     """
-    from_here = (UserSession.ip_address == ip) & (UserSession.last_used_at >= since)
+    vouching = UserSession.revoked_reason.is_(None) | (UserSession.revoked_reason == "logout")
+    from_here = (
+        (UserSession.sign_in_network == network) & (UserSession.created_at >= since) & vouching
+    )
     query = select(
         select(UserSession.id).where(UserSession.user_id == user_id).exists(),
         select(UserSession.id).where(UserSession.user_id == user_id, from_here).exists(),
@@ -169,8 +173,21 @@ async def get_one_time_token(
     return (await db.execute(query)).scalar_one_or_none()
 
 
-async def email_taken(db: AsyncSession, email: str) -> bool:
-    query = select(select(User.id).where(User.email == email).exists())
+async def email_taken(
+    db: AsyncSession, email: str, now: datetime, *, by_other_than: uuid.UUID | None = None
+) -> bool:
+    """Whether ``email`` is an account's address — or was one until lately: an address an
+    account moved away from stays reserved for it while its undo link lives, so nobody can
+    register it and leave the owner's undo with nowhere to go."""
+    reserved = select(OneTimeToken.token_hash).where(
+        OneTimeToken.purpose == "email_undo",
+        OneTimeToken.email == email,
+        OneTimeToken.used_at.is_(None),
+        OneTimeToken.expires_at > now,
+    )
+    if by_other_than is not None:
+        reserved = reserved.where(OneTimeToken.user_id != by_other_than)
+    query = select(select(User.id).where(User.email == email).exists() | reserved.exists())
     return bool((await db.execute(query)).scalar())
 
 

@@ -132,8 +132,9 @@ async def send_one_time_link(
         user.id,
         {
             "user_id": user.id,
+            # The recipient. No name: anyone can register with anyone's address, so a name is
+            # attacker-chosen text as far as the mail is concerned.
             "email": to or user.email,
-            "full_name": user.full_name,
             **(extra or {}),
             "expires_at": row.expires_at,
         },
@@ -175,7 +176,7 @@ async def create_user(
 ) -> User:
     ensure_address_allowed(sec.settings, email)
     enforce_password_policy(password, email)
-    if await repository.email_taken(db, email):
+    if await repository.email_taken(db, email, utcnow()):
         raise Conflict("An account with this email already exists.")
     now = utcnow()
     user = User(
@@ -240,7 +241,7 @@ async def update_user(
                 errors=[{"loc": ["body", "email"], "msg": "use POST /api/v1/users/me/email"}],
             )
         ensure_address_allowed(sec.settings, changes["email"])
-        if await repository.email_taken(db, changes["email"]):
+        if await repository.email_taken(db, changes["email"], utcnow()):
             raise Conflict("An account with this email already exists.")
         changes.setdefault("email_verified", False)
     demoted = changes.get("role", "admin") != "admin" or changes.get("is_active", True) is False

@@ -39,6 +39,7 @@ CHANGE_REQUESTED = "user.email_change_requested"
 CHANGE_NOTICE = "user.email_change_notice"
 NEW_SIGN_IN = "user.new_sign_in"
 PUBLIC_BASE_URL = "https://accounts.example.test"
+NEW_PASSWORD = "a freshly chosen passphrase"
 
 
 @pytest.fixture
@@ -167,18 +168,46 @@ async def test_undo_takes_the_address_back_and_ends_every_session(app: App) -> N
     response = await client.post(UNDO_URL, json={"token": undo})
     assert response.status_code == 204, response.text
 
-    # The address is back, verified; every session ended; the attacker's reset link is dead.
+    # Every session ended; the attacker's reset link is dead; the password (which whoever made
+    # the change knew) no longer signs anyone in.
     assert_unauthenticated(await client.get(ME_URL, headers=auth))
     assert_oauth_error(await refresh_grant(client, tokens["refresh_token"]), "invalid_grant")
-    fresh = bearer(await login(client, user["email"]))
-    me = await _me(client, fresh)
-    assert me["email"] == user["email"] and me["email_verified"] is True
     confirm = {"token": stolen_reset, "new_password": "the attacker's password"}
     assert_problem(await client.post(f"{API}/auth/password-reset/confirm", json=confirm), 400)
-    # A reset link went to the restored address (whoever changed it knew the password).
+    assert_oauth_error(await password_grant(client, user["email"]), "invalid_grant")
+    assert_problem(await client.post(UNDO_URL, json={"token": undo}), 400)  # single use
+    # A reset link went to the restored address: the owner sets a new password and is back.
     reset = (await outbox(fastapi_app, user["id"], "user.password_reset_requested"))[-1]
     assert reset.payload["email"] == user["email"]
-    assert_problem(await client.post(UNDO_URL, json={"token": undo}), 400)  # single use
+    me = await _reset_and_sign_in(fastapi_app, client, user)
+    assert me["email"] == user["email"] and me["email_verified"] is True
+
+
+async def _reset_and_sign_in(
+    fastapi_app: Any, client: httpx.AsyncClient, user: dict[str, Any]
+) -> dict[str, Any]:
+    link = await one_time_token(fastapi_app, user["id"], "user.password_reset_requested")
+    confirm = {"token": link, "new_password": NEW_PASSWORD}
+    assert (
+        await client.post(f"{API}/auth/password-reset/confirm", json=confirm)
+    ).status_code == 204
+    return await _me(client, bearer(await login(client, user["email"], NEW_PASSWORD)))
+
+
+async def test_an_address_left_behind_is_kept_for_its_owner(app: App) -> None:
+    """While the undo link lives, nobody may register the old address (the undo would then have
+    nowhere to go), nor move another account to it."""
+    fastapi_app, client = app
+    user, auth = await _signed_in(client)
+    assert (await _request_change(client, auth, unique_email("moved"))).status_code == 202
+    link = await one_time_token(fastapi_app, user["id"], CHANGE_REQUESTED)
+    assert (await client.post(CONFIRM_URL, json={"token": link})).status_code == 200
+    squatter = {"email": user["email"], "password": "the squatter's password"}
+    assert_problem(await client.post(f"{API}/auth/register", json=squatter), 409)
+    _, other = await _signed_in(client)
+    assert_problem(await _request_change(client, other, user["email"]), 409)
+    # The owner itself may go back to it.
+    assert (await _request_change(client, auth, user["email"])).status_code == 202
 
 
 async def test_the_first_owners_undo_link_survives_later_changes(app: App) -> None:
@@ -197,8 +226,7 @@ async def test_the_first_owners_undo_link_survives_later_changes(app: App) -> No
 
     assert (await client.post(UNDO_URL, json={"token": attackers_link})).status_code == 204
     assert (await client.post(UNDO_URL, json={"token": owners_link})).status_code == 204
-    owner = bearer(await login(client, user["email"]))
-    assert (await _me(client, owner))["email"] == user["email"]
+    assert (await _reset_and_sign_in(fastapi_app, client, user))["email"] == user["email"]
     # Both links are spent now.
     for used in undo_links:
         assert_problem(await client.post(UNDO_URL, json={"token": used}), 400)
@@ -285,3 +313,18 @@ async def test_a_sign_in_from_a_new_address_is_mailed_to_the_owner(
         async with client_from(fastapi_app) as elsewhere:
             await login(elsewhere, user["email"])
         assert not await outbox(fastapi_app, user["id"], NEW_SIGN_IN)
+
+
+async def test_asking_which_addresses_are_taken_is_throttled(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_app(make_settings(MAIL_RATE_LIMIT_PER_IP=3)) as (fastapi_app, client):
+        taken = [(await register(client))["email"] for _ in range(2)]
+        async with client_from(fastapi_app) as elsewhere:
+            _, auth = await _signed_in(elsewhere)
+            answers = [
+                (await _request_change(elsewhere, auth, email)).status_code for email in taken
+            ]
+            answers += [(await _request_change(elsewhere, auth, taken[0])).status_code]
+            answers += [(await _request_change(elsewhere, auth, unique_email())).status_code]
+        assert answers == [409, 409, 409, 429]

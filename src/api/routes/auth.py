@@ -76,8 +76,10 @@ async def register(
 )
 async def token(
     db: SessionDep,
+    sessions: SessionMakerDep,
     sec: SecurityDep,
     client: ClientDep,
+    background: BackgroundTasks,
     grant_type: Annotated[str | None, Form()] = None,
     username: Annotated[str | None, Form(description="The account's email")] = None,
     password: Annotated[str | None, Form()] = None,
@@ -99,7 +101,16 @@ async def token(
                 raise OAuthError("invalid_request", "username and password are required.")
             _bounded("username", username, MAX_EMAIL_LENGTH)
             _bounded("password", password, MAX_PASSWORD_INPUT)
-            tokens = await auth_service.login(db, sec, username, password, client, client_id)
+            tokens = await auth_service.login(
+                db,
+                sec,
+                username,
+                password,
+                client,
+                client_id,
+                sessions=sessions,
+                defer=background.add_task,
+            )
         elif grant_type == "refresh_token":
             if not refresh_token:
                 raise OAuthError("invalid_request", "refresh_token is required.")

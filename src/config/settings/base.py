@@ -188,6 +188,8 @@ class Settings(BaseSettings):
     # Proxies (IP addresses or CIDR networks, comma-separated) whose X-Forwarded-For / Forwarded
     # header names the client. None by default: the peer address is the client.
     TRUSTED_PROXIES: str | None = None
+    # The header those proxies write (the other one is ignored: a proxy passes it on untouched).
+    FORWARDED_HEADER: Literal["X-Forwarded-For", "Forwarded"] = "X-Forwarded-For"
     # Origins (scheme://host[:port], comma-separated, exact) allowed to call the API from a
     # browser. None by default: CORS is off.
     CORS_ALLOW_ORIGINS: str | None = None

@@ -41,29 +41,41 @@ def upgrade() -> None:
 
     with op.batch_alter_table("sessions") as batch:
         batch.add_column(sa.Column("client_id", sa.String(length=255), nullable=True))
+        batch.add_column(sa.Column("sign_in_network", sa.String(length=45), nullable=True))
         batch.create_index(
-            "ix_sessions_user_id_ip_address", ["user_id", "ip_address"], unique=False
+            "ix_sessions_user_id_sign_in_network", ["user_id", "sign_in_network"], unique=False
         )
 
     op.create_table(
         "mail_deliveries",
         sa.Column("event_id", sa.Uuid(), nullable=False),
+        sa.Column("topic", sa.String(length=255), nullable=False),
         sa.Column("type", sa.String(length=64), nullable=False),
+        sa.Column("user_id", sa.Uuid(), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("data", sa.JSON(), nullable=True),
+        sa.Column("sealed", sa.Text(), nullable=True),
         sa.PrimaryKeyConstraint("event_id", name=op.f("pk_mail_deliveries")),
     )
-    op.create_index(op.f("ix_mail_deliveries_status"), "mail_deliveries", ["status"], unique=False)
+    op.create_index(
+        "ix_mail_deliveries_due",
+        "mail_deliveries",
+        ["status", "topic", "next_attempt_at"],
+        unique=False,
+    )
 
 
 def downgrade() -> None:
-    op.drop_index(op.f("ix_mail_deliveries_status"), table_name="mail_deliveries")
+    op.drop_index("ix_mail_deliveries_due", table_name="mail_deliveries")
     op.drop_table("mail_deliveries")
     with op.batch_alter_table("sessions") as batch:
-        batch.drop_index("ix_sessions_user_id_ip_address")
+        batch.drop_index("ix_sessions_user_id_sign_in_network")
+        batch.drop_column("sign_in_network")
         batch.drop_column("client_id")
     op.execute("DELETE FROM one_time_tokens WHERE purpose IN ('email_change', 'email_undo')")
     with op.batch_alter_table("one_time_tokens") as batch:
