@@ -13,7 +13,7 @@ administrator's access token, and see everything.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
@@ -65,10 +65,26 @@ class Readiness(BaseModel):
     reason: str | None = None
 
 
-def _check_reply(result: CheckResult, response: Response, operator: bool) -> CheckResult:
+async def _one_check(
+    name: str, request: Request, response: Response, operator: bool
+) -> CheckResult:
+    """One dependency: fresh with every detail for operators, its status from the shared report
+    for everyone else."""
+    if operator:
+        result = await _CHECKS[name](request.app)
+    else:
+        result = CheckResult(status=(await _report(request.app, False)).checks[name].status)
     if result.status is CheckStatus.UNHEALTHY:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    return result if operator else CheckResult(status=result.status)
+    return result
+
+
+_CHECKS: dict[str, Callable[[FastAPI], Awaitable[CheckResult]]] = {
+    "database": check_database_health,
+    "redis": check_redis_health,
+    "kafka": check_kafka_health,
+    "mail": check_mail_health,
+}
 
 
 async def is_operator(
@@ -148,9 +164,7 @@ async def ready(request: Request, response: Response, operator: Operator) -> Rea
     responses=_UNHEALTHY,
 )
 async def database(request: Request, response: Response, operator: Operator) -> CheckResult:
-    if not operator:
-        return _check_reply((await _report(request.app, False)).checks["database"], response, False)
-    return _check_reply(await check_database_health(request.app), response, operator)
+    return await _one_check("database", request, response, operator)
 
 
 @_probe(
@@ -160,9 +174,7 @@ async def database(request: Request, response: Response, operator: Operator) -> 
     responses=_UNHEALTHY,
 )
 async def redis(request: Request, response: Response, operator: Operator) -> CheckResult:
-    if not operator:
-        return _check_reply((await _report(request.app, False)).checks["redis"], response, False)
-    return _check_reply(await check_redis_health(request.app), response, operator)
+    return await _one_check("redis", request, response, operator)
 
 
 @_probe(
@@ -172,9 +184,7 @@ async def redis(request: Request, response: Response, operator: Operator) -> Che
     responses=_UNHEALTHY,
 )
 async def kafka(request: Request, response: Response, operator: Operator) -> CheckResult:
-    if not operator:
-        return _check_reply((await _report(request.app, False)).checks["kafka"], response, False)
-    return _check_reply(await check_kafka_health(request.app), response, operator)
+    return await _one_check("kafka", request, response, operator)
 
 
 @_probe(
@@ -184,6 +194,4 @@ async def kafka(request: Request, response: Response, operator: Operator) -> Che
     responses=_UNHEALTHY,
 )
 async def mail(request: Request, response: Response, operator: Operator) -> CheckResult:
-    if not operator:
-        return _check_reply((await _report(request.app, False)).checks["mail"], response, False)
-    return _check_reply(await check_mail_health(request.app), response, operator)
+    return await _one_check("mail", request, response, operator)
