@@ -23,7 +23,9 @@ DEPENDENCIES = ("postgres", "redis", "kafka")
 
 
 def _interpolate(value: str) -> str:
-    """Compose's ``${NAME:-default}`` / ``${NAME-default}`` / ``${NAME}`` with nothing set."""
+    """Compose's ``${NAME:-default}`` / ``${NAME-default}`` / ``${NAME}`` with nothing set
+    (``${NAME:?message}``, which compose refuses to start without, becomes empty)."""
+    value = re.sub(r"\$\{(\w+):?\?[^}]*\}", "", value)
     return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
 
 
@@ -155,6 +157,18 @@ def test_signing_key_is_mounted(compose: dict[str, Any], app_env: dict[str, str 
         assert name in compose.get("secrets", {}), f"secret {name} is not declared"
         mounted.add(target if target.startswith("/") else f"/run/secrets/{target}")
     assert app_env["JWT_PRIVATE_KEY_FILE"] in mounted
+
+
+def test_production_secrets_must_come_from_the_environment(
+    services: dict[str, Any], app_env: dict[str, str | None]
+) -> None:
+    """Production refuses to start without ENCRYPTION_KEY: compose says so up front, and no key
+    is committed."""
+    raw = str(services["app"]["environment"]["ENCRYPTION_KEY"])
+    assert re.fullmatch(r"\$\{ENCRYPTION_KEY:\?[^}]+\}", raw), raw
+    assert app_env["ENCRYPTION_KEY"] == ""
+    text = (ROOT / "docker-compose.yaml").read_text()
+    assert re.search(r"^#.*ENCRYPTION_KEY", text, re.MULTILINE)
 
 
 def test_first_admin_placeholders_are_documented(app_env: dict[str, str | None]) -> None:
