@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.auth.rate_limit import PREFIX as LOGIN_PREFIX
 from src.auth.rate_limit import THROTTLE_PREFIX
-from src.auth.secrets import hash_token
 from src.db.models import OneTimeToken, OutboxEvent, User, UserSession
 from src.events.outbox import open_secret
+from src.security.tokens import hash_token
 from tests.helpers import PASSWORD
 
 API = "/api/v1"

@@ -18,25 +18,26 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from src.auth.context import Principal, Security
-from src.auth.passwords import unusable_password
-from src.auth.secrets import hash_token
-from src.auth.service import ClientInfo, verify_password
+from src.auth.passwords import enforce_password_policy, unusable_password
+from src.auth.service import ClientInfo, create_account, set_password, verify_password
+from src.config.settings import SettingsError
 from src.db.models import OneTimeToken, User
 from src.db.types import utcnow
 from src.errors import Conflict, DomainError, InvalidInput, TooManyRequests
 from src.events.outbox import EventType, record_event
+from src.security.tokens import hash_token
 from src.users import repository
 from src.users import service as user_service
+from src.users.emails import canonical_email
+from src.users.schemas import UserCreate
 from src.users.service import (
     EMAIL_CHANGE,
     EMAIL_UNDO,
     EMAIL_VERIFICATION,
     PASSWORD_RESET,
     commit_change,
-    enforce_password_policy,
     ensure_address_allowed,
     send_one_time_link,
-    set_password,
     snapshot,
 )
 
@@ -228,4 +229,28 @@ async def delete_own_account(
     client: ClientInfo,
 ) -> None:
     await _reauthenticate(db, sec, principal, current_password, client)
-    await user_service.delete_user(db, sec, principal.id, principal)
+    await user_service.delete_user(db, sec, principal.id, principal.id)
+
+
+async def ensure_first_admin(db: AsyncSession, sec: Security) -> None:
+    """Create FIRST_ADMIN_EMAIL as an admin when no such account exists (idempotent)."""
+    settings = sec.settings
+    if not settings.FIRST_ADMIN_EMAIL or settings.FIRST_ADMIN_PASSWORD is None:
+        return
+    email = canonical_email(settings.FIRST_ADMIN_EMAIL)
+    if email is None:
+        raise SettingsError("Invalid configuration: FIRST_ADMIN_EMAIL: not a valid email address")
+    if await repository.get_user_by_email(db, email) is not None:
+        return
+    body = UserCreate(
+        email=email,
+        password=settings.FIRST_ADMIN_PASSWORD.get_secret_value(),
+        role="admin",
+        email_verified=True,
+    )
+    try:
+        await create_account(db, sec, body)
+    except Conflict:
+        return  # another instance created it first
+    except InvalidInput as exc:  # a weak password, a look-alike address
+        raise SettingsError(f"Invalid configuration: FIRST_ADMIN_*: {exc.detail}") from None

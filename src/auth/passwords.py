@@ -24,6 +24,7 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from src.config.settings import Settings
+from src.errors import InvalidInput
 
 MIN_LENGTH = 8
 MAX_LENGTH = 128
@@ -62,6 +63,16 @@ def _is_encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def enforce_password_policy(password: str, email: str) -> None:
+    """``check_password_policy`` as the API's 422, naming the field."""
+    try:
+        check_password_policy(password, email)
+    except PasswordPolicyError as exc:
+        raise InvalidInput(
+            str(exc), errors=[{"loc": ["body", "password"], "msg": str(exc)}]
+        ) from None
 
 
 def unusable_password() -> str:

@@ -18,25 +18,25 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.auth.context import Principal, Security
 from src.auth.jwt import TokenError
+from src.auth.passwords import enforce_password_policy
 from src.auth.rate_limit import LoginDecision, client_key
-from src.auth.secrets import hash_token, new_token
 from src.db.models import RefreshToken, User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, NotAuthenticated, NotFound, OAuthError, TooManyRequests
 from src.events.outbox import EventType, record_event, record_notification
+from src.security.tokens import hash_token, new_token
 from src.users import repository
-from src.users import service as user_service
 from src.users.cache import SessionState
 from src.users.emails import canonical_email
-from src.users.schemas import SessionPublic, TokenResponse, UserPublic, UserRegister
+from src.users.schemas import SessionPublic, TokenResponse, UserCreate, UserPublic, UserRegister
 from src.users.service import (
     EMAIL_VERIFICATION,
     PASSWORD_RESET,
+    add_user,
     commit_change,
-    enforce_password_policy,
+    ensure_email_free,
     record_verification_request,
     send_one_time_link,
-    set_password,
     snapshot,
 )
 
@@ -402,9 +402,43 @@ async def register(db: AsyncSession, sec: Security, body: UserRegister, client: 
     if wait is not None:
         audit.warning("registration refused: ip=%s reason=rate_limited", client.ip)
         raise TooManyRequests(wait)
-    return await user_service.create_user(
-        db, sec, email=body.email, password=body.password, full_name=body.full_name
+    return await create_account(db, sec, UserCreate.model_validate(body.model_dump()))
+
+
+async def create_account(
+    db: AsyncSession, sec: Security, body: UserCreate, *, actor_id: uuid.UUID | None = None
+) -> User:
+    """A new account with a password: the cheap checks, the policy, then the (slow) hash."""
+    await ensure_email_free(db, sec.settings, body.email)
+    enforce_password_policy(body.password, body.email)
+    password_hash = await sec.hasher.hash(body.password)
+    return await add_user(db, sec, body, password_hash, actor_id=actor_id)
+
+
+async def set_password(
+    db: AsyncSession,
+    sec: Security,
+    user: User,
+    password: str,
+    *,
+    reason: str,
+    keep_session: uuid.UUID | None = None,
+) -> None:
+    """Store a new password (checked by the caller) and end the user's other sessions."""
+    user.password_hash = await sec.hasher.hash(password)
+    user.updated_at = utcnow()
+    revoked = await repository.revoke_sessions(
+        db, user.id, utcnow(), f"password_{reason}", except_session=keep_session
     )
+    record_event(
+        db,
+        sec.settings,
+        EventType.PASSWORD_CHANGED,
+        user.id,
+        {"id": user.id, "reason": reason, "sessions_revoked": len(revoked)},
+    )
+    await commit_change(db, sec, [user.id], revoked)
+    logger.info("password %s: user=%s sessions_revoked=%d", reason, user.id, len(revoked))
 
 
 async def request_password_reset(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
+from src.auth.account import ensure_first_admin
 from src.auth.context import build_security
 from src.config.settings import Settings
 from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
@@ -31,7 +32,6 @@ from src.services.connections import (
 from src.services.kafka.manager import KafkaManager
 from src.services.supervisor import start_supervisor
 from src.users.cache import flush_cache
-from src.users.service import ensure_first_admin
 
 logger = logging.getLogger(__name__)
 

@@ -19,17 +19,12 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import NullPool
 
 from src.config.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-
-
-def is_sqlite(url: str) -> bool:
-    return make_url(url).get_backend_name() == "sqlite"
 
 
 def ensure_sqlite_directory(database_url: str) -> None:
@@ -125,8 +120,3 @@ def upgrade_database(database_url: str) -> None:
     from alembic import command
 
     command.upgrade(alembic_config(database_url), "head")
-
-
-def null_pool_engine(database_url: str) -> AsyncEngine:
-    """An engine without pooling, for one-shot tools such as migrations."""
-    return create_async_engine(database_url, poolclass=NullPool)

@@ -1,1 +1,2 @@
-"""Cryptographic building blocks shared by every package: secrets sealed at rest."""
+"""Cryptographic building blocks shared by every package: opaque tokens and their hashes,
+secrets sealed at rest."""

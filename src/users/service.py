@@ -1,9 +1,13 @@
-"""Domain functions for user accounts: create, change, delete, list.
+"""Domain functions for user accounts: add, change, delete, list; and the links mailed to them.
 
 Each function is one unit of work: it validates, changes rows, records the matching events in the
 same transaction, commits, and only then reports success. Cache entries are dropped before the
 commit (so the relay cannot publish the event while a stale entry is still served) and again after
 it (so a read racing the commit cannot leave the old value behind).
+
+Passwords are not this package's business: ``src.auth`` hashes them and hands over the hash.
+What these functions need from the running service comes as an ``AccountDeps`` (settings, the
+user cache, the sealer), so accounts never depend on authentication.
 """
 
 from __future__ import annotations
@@ -12,16 +16,13 @@ import logging
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
-from src.auth.context import Principal, Security
-from src.auth.passwords import PasswordPolicyError, check_password_policy
-from src.auth.secrets import hash_token, new_token
-from src.config.settings import Settings, SettingsError
+from src.config.settings import Settings
 from src.db.models import OneTimeToken, User
 from src.db.types import utcnow
 from src.errors import (
@@ -31,14 +32,32 @@ from src.errors import (
     PreconditionFailed,
 )
 from src.events.outbox import EventType, record_event, record_notification
+from src.security.sealing import Sealer
+from src.security.tokens import hash_token, new_token
 from src.users import repository
-from src.users.emails import canonical_email, confusable_reason
-from src.users.schemas import UserPublic
+from src.users.cache import UserCache
+from src.users.emails import confusable_reason
+from src.users.schemas import UserCreate, UserPublic, UserUpdate, UserUpdateMe
 
 logger = logging.getLogger(__name__)
 
 EMAIL_VERIFICATION = "email_verification"
 PASSWORD_RESET = "password_reset"
+EMAIL_CHANGE = "email_change"
+EMAIL_UNDO = "email_undo"
+
+
+class AccountDeps(Protocol):
+    """What account changes need from the running service (``src.auth.context.Security`` is one)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def cache(self) -> UserCache: ...
+
+    @property
+    def sealer(self) -> Sealer: ...
 
 
 def snapshot(user: User) -> dict[str, Any]:
@@ -46,18 +65,9 @@ def snapshot(user: User) -> dict[str, Any]:
     return UserPublic.model_validate(user).model_dump(mode="json")
 
 
-def enforce_password_policy(password: str, email: str) -> None:
-    try:
-        check_password_policy(password, email)
-    except PasswordPolicyError as exc:
-        raise InvalidInput(
-            str(exc), errors=[{"loc": ["body", "password"], "msg": str(exc)}]
-        ) from None
-
-
 async def commit_change(
     db: AsyncSession,
-    sec: Security,
+    sec: AccountDeps,
     user_ids: Sequence[uuid.UUID] = (),
     session_ids: Sequence[uuid.UUID] = (),
 ) -> None:
@@ -66,10 +76,6 @@ async def commit_change(
     await sec.cache.invalidate(user_ids, session_ids)
     await db.commit()
     await sec.cache.invalidate(user_ids, session_ids)
-
-
-EMAIL_CHANGE = "email_change"
-EMAIL_UNDO = "email_undo"
 
 
 def _lifetime(settings: Settings, purpose: str) -> timedelta:
@@ -83,7 +89,7 @@ def _lifetime(settings: Settings, purpose: str) -> timedelta:
 
 
 def issue_one_time_token(
-    db: AsyncSession, sec: Security, user: User, purpose: str, email: str | None = None
+    db: AsyncSession, sec: AccountDeps, user: User, purpose: str, email: str | None = None
 ) -> tuple[str, OneTimeToken]:
     """A fresh single-use token; only its hash is stored. ``email``: the address it is about."""
     token = new_token()
@@ -107,7 +113,7 @@ def link(settings: Settings, path: str, token: str) -> str:
 
 async def send_one_time_link(
     db: AsyncSession,
-    sec: Security,
+    sec: AccountDeps,
     user: User,
     event_type: EventType,
     purpose: str,
@@ -143,7 +149,7 @@ async def send_one_time_link(
     )
 
 
-async def record_verification_request(db: AsyncSession, sec: Security, user: User) -> None:
+async def record_verification_request(db: AsyncSession, sec: AccountDeps, user: User) -> None:
     """Issue a verification link for the user's current address; earlier links stop working."""
     await send_one_time_link(
         db, sec, user, EventType.VERIFICATION_REQUESTED, EMAIL_VERIFICATION, "verify-email"
@@ -162,33 +168,27 @@ def ensure_address_allowed(settings: Settings, email: str) -> None:
         )
 
 
-async def create_user(
-    db: AsyncSession,
-    sec: Security,
-    *,
-    email: str,
-    password: str,
-    full_name: str | None = None,
-    role: str = "user",
-    is_active: bool = True,
-    email_verified: bool = False,
-    actor_id: uuid.UUID | None = None,
-) -> User:
-    ensure_address_allowed(sec.settings, email)
-    enforce_password_policy(password, email)
+async def ensure_email_free(db: AsyncSession, settings: Settings, email: str) -> None:
+    """The cheap checks before an account is made (and its password hashed): a look-alike
+    address (when refused), an address taken or reserved."""
+    ensure_address_allowed(settings, email)
     if await repository.email_taken(db, email, utcnow()):
         raise Conflict("An account with this email already exists.")
+
+
+async def add_user(
+    db: AsyncSession,
+    sec: AccountDeps,
+    body: UserCreate,
+    password_hash: str,
+    *,
+    actor_id: uuid.UUID | None = None,
+) -> User:
+    """Store a new account (``body`` as validated, its password already hashed) and announce it."""
     now = utcnow()
+    fields = body.model_dump(exclude={"password"})
     user = User(
-        id=uuid.uuid4(),
-        email=email,
-        full_name=full_name,
-        password_hash=await sec.hasher.hash(password),
-        role=role,
-        is_active=is_active,
-        email_verified=email_verified,
-        created_at=now,
-        updated_at=now,
+        id=uuid.uuid4(), password_hash=password_hash, created_at=now, updated_at=now, **fields
     )
     db.add(user)
     try:
@@ -200,10 +200,10 @@ async def create_user(
     record_event(
         db, sec.settings, EventType.REGISTERED, user.id, {**snapshot(user), "actor_id": actor_id}
     )
-    if not email_verified:
+    if not user.email_verified:
         await record_verification_request(db, sec, user)
     await db.commit()
-    logger.info("user created: user=%s role=%s actor=%s", user.id, role, actor_id or user.id)
+    logger.info("user created: user=%s role=%s actor=%s", user.id, user.role, actor_id or user.id)
     return user
 
 
@@ -214,35 +214,56 @@ async def get_user(db: AsyncSession, user_id: uuid.UUID) -> User:
     return user
 
 
+# Which event a change records, per writable field and new value; a change of several fields
+# records each of their events once, in this order. tests/test_users.py holds every writable
+# field of UserUpdate to this table, so a new field cannot change silently.
+EVENT_ORDER = (
+    EventType.UPDATED,
+    EventType.ROLE_CHANGED,
+    EventType.EMAIL_VERIFIED,
+    EventType.ACTIVATED,
+    EventType.DEACTIVATED,
+)
+
+
+def event_for(field: str, value: Any) -> EventType:
+    if field == "role":
+        return EventType.ROLE_CHANGED
+    if field == "email_verified" and value is True:
+        return EventType.EMAIL_VERIFIED
+    if field == "is_active":
+        return EventType.ACTIVATED if value else EventType.DEACTIVATED
+    return EventType.UPDATED  # email, full_name, email_verified set back to false
+
+
 async def update_user(
     db: AsyncSession,
-    sec: Security,
+    sec: AccountDeps,
     user_id: uuid.UUID,
-    changes: dict[str, Any],
+    body: UserUpdate | UserUpdateMe,
     *,
-    actor: Principal,
+    actor_id: uuid.UUID,
     expected_version: int | None = None,
 ) -> User:
-    """Apply ``changes`` (already limited to what the caller may change) to a user."""
+    """Apply the fields sent in ``body`` (already limited to what the caller may change)."""
     user = await get_user(db, user_id)
     if expected_version is not None and user.version != expected_version:
         raise PreconditionFailed(
             f"The user has changed (version {user.version}); fetch it again and retry."
         )
-    changes = {k: v for k, v in changes.items() if getattr(user, k) != v}
+    sent = body.model_dump(exclude_unset=True)
+    changes = {k: v for k, v in sent.items() if getattr(user, k) != v}
     if not changes:
         return user
     if "email" in changes:
-        if actor.id == user.id:
+        if actor_id == user.id:
             # A stolen access token must not be enough to move the account to another address.
             raise InvalidInput(
                 "Change your own email with POST /api/v1/users/me/email: it needs your current "
                 "password and takes effect once the new address confirms it.",
                 errors=[{"loc": ["body", "email"], "msg": "use POST /api/v1/users/me/email"}],
             )
-        ensure_address_allowed(sec.settings, changes["email"])
-        if await repository.email_taken(db, changes["email"], utcnow()):
-            raise Conflict("An account with this email already exists.")
+        await ensure_email_free(db, sec.settings, changes["email"])
         changes.setdefault("email_verified", False)
     demoted = changes.get("role", "admin") != "admin" or changes.get("is_active", True) is False
     if user.role == "admin" and user.is_active and demoted:
@@ -263,32 +284,20 @@ async def update_user(
         await db.rollback()
         raise Conflict("An account with this email already exists.") from None
 
-    revoked: list[uuid.UUID] = []
     after = snapshot(user)
-    meta = {"actor_id": actor.id, "changes": sorted(changes)}
-    if {"email", "full_name"} & changes.keys():
-        record_event(db, sec.settings, EventType.UPDATED, user.id, {**after, **meta})
-        if "email" in changes and not user.email_verified:
-            await record_verification_request(db, sec, user)
-    if "role" in changes:
-        record_event(
-            db,
-            sec.settings,
-            EventType.ROLE_CHANGED,
-            user.id,
-            {**after, **meta, "previous_role": before["role"]},
-        )
-    if changes.get("email_verified") is True:
-        record_event(db, sec.settings, EventType.EMAIL_VERIFIED, user.id, {**after, **meta})
-    if "is_active" in changes:
-        if user.is_active:
-            record_event(db, sec.settings, EventType.ACTIVATED, user.id, {**after, **meta})
-        else:
-            # A disabled account must not keep working through tokens it already holds.
-            revoked = await repository.revoke_sessions(db, user.id, utcnow(), "deactivated")
-            record_event(db, sec.settings, EventType.DEACTIVATED, user.id, {**after, **meta})
+    meta = {"actor_id": actor_id, "changes": sorted(changes)}
+    recorded = {event_for(field, value) for field, value in changes.items()}
+    for event_type in (e for e in EVENT_ORDER if e in recorded):
+        extra = {"previous_role": before["role"]} if event_type is EventType.ROLE_CHANGED else {}
+        record_event(db, sec.settings, event_type, user.id, {**after, **meta, **extra})
+    if "email" in changes and not user.email_verified:
+        await record_verification_request(db, sec, user)
+    revoked: list[uuid.UUID] = []
+    if EventType.DEACTIVATED in recorded:
+        # A disabled account must not keep working through tokens it already holds.
+        revoked = await repository.revoke_sessions(db, user.id, utcnow(), "deactivated")
     await commit_change(db, sec, [user.id], revoked)
-    logger.info("user updated: user=%s fields=%s actor=%s", user.id, sorted(changes), actor.id)
+    logger.info("user updated: user=%s fields=%s actor=%s", user.id, sorted(changes), actor_id)
     return user
 
 
@@ -297,33 +306,8 @@ async def ensure_not_last_admin(db: AsyncSession) -> None:
         raise Conflict("This is the last active admin; promote another admin first.")
 
 
-async def set_password(
-    db: AsyncSession,
-    sec: Security,
-    user: User,
-    password: str,
-    *,
-    reason: str,
-    keep_session: uuid.UUID | None = None,
-) -> None:
-    user.password_hash = await sec.hasher.hash(password)
-    user.updated_at = utcnow()
-    revoked = await repository.revoke_sessions(
-        db, user.id, utcnow(), f"password_{reason}", except_session=keep_session
-    )
-    record_event(
-        db,
-        sec.settings,
-        EventType.PASSWORD_CHANGED,
-        user.id,
-        {"id": user.id, "reason": reason, "sessions_revoked": len(revoked)},
-    )
-    await commit_change(db, sec, [user.id], revoked)
-    logger.info("password %s: user=%s sessions_revoked=%d", reason, user.id, len(revoked))
-
-
 async def delete_user(
-    db: AsyncSession, sec: Security, user_id: uuid.UUID, actor: Principal
+    db: AsyncSession, sec: AccountDeps, user_id: uuid.UUID, actor_id: uuid.UUID
 ) -> None:
     user = await get_user(db, user_id)
     if user.role == "admin" and user.is_active:
@@ -334,11 +318,11 @@ async def delete_user(
         sec.settings,
         EventType.DELETED,
         user.id,
-        {"id": user.id, "actor_id": actor.id, "deleted_at": utcnow()},
+        {"id": user.id, "actor_id": actor_id, "deleted_at": utcnow()},
     )
     await db.delete(user)
     await commit_change(db, sec, [user.id], sessions)
-    logger.info("user deleted: user=%s actor=%s", user_id, actor.id)
+    logger.info("user deleted: user=%s actor=%s", user_id, actor_id)
 
 
 async def list_users(
@@ -360,28 +344,3 @@ async def list_users(
     page = users[:limit]
     next_cursor = repository.encode_cursor(page[-1]) if len(users) > limit else None
     return page, next_cursor
-
-
-async def ensure_first_admin(db: AsyncSession, sec: Security) -> None:
-    """Create FIRST_ADMIN_EMAIL as an admin when no such account exists (idempotent)."""
-    settings = sec.settings
-    if not settings.FIRST_ADMIN_EMAIL or settings.FIRST_ADMIN_PASSWORD is None:
-        return
-    email = canonical_email(settings.FIRST_ADMIN_EMAIL)
-    if email is None:
-        raise SettingsError("Invalid configuration: FIRST_ADMIN_EMAIL: not a valid email address")
-    if await repository.get_user_by_email(db, email) is not None:
-        return
-    try:
-        await create_user(
-            db,
-            sec,
-            email=email,
-            password=settings.FIRST_ADMIN_PASSWORD.get_secret_value(),
-            role="admin",
-            email_verified=True,
-        )
-    except Conflict:
-        return  # another instance created it first
-    except InvalidInput as exc:  # a weak password, a look-alike address
-        raise SettingsError(f"Invalid configuration: FIRST_ADMIN_*: {exc.detail}") from None

@@ -7,7 +7,7 @@ anything, except remove the last active admin.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Response, status
 
@@ -104,8 +104,8 @@ async def update_me(
         db,
         sec,
         principal.id,
-        body.model_dump(exclude_unset=True),
-        actor=principal,
+        body,
+        actor_id=principal.id,
         expected_version=_expected_version(if_match),
     )
     return _reply(user, response)
@@ -209,7 +209,7 @@ async def list_users(
 async def create_user(
     body: UserCreate, admin: AdminUser, db: SessionDep, sec: SecurityDep, response: Response
 ) -> UserPublic:
-    user = await user_service.create_user(db, sec, **body.model_dump(), actor_id=admin.id)
+    user = await auth_service.create_account(db, sec, body, actor_id=admin.id)
     response.headers["Location"] = f"{API_V1}/users/{user.id}"
     return _reply(user, response)
 
@@ -235,14 +235,18 @@ async def update_user(
     if_match: IfMatch = None,
 ) -> UserPublic:
     _only_self_or_admin(principal, user_id)
-    changes: dict[str, Any] = body.model_dump(exclude_unset=True)
     if not principal.is_admin:
         # Through its own id a user may change exactly what /users/me allows.
-        privileged = sorted(changes.keys() - UserUpdateMe.model_fields.keys())
+        privileged = sorted(body.model_fields_set - UserUpdateMe.model_fields.keys())
         if privileged:
             raise PermissionDenied(f"Only an administrator may change: {', '.join(privileged)}.")
     user = await user_service.update_user(
-        db, sec, user_id, changes, actor=principal, expected_version=_expected_version(if_match)
+        db,
+        sec,
+        user_id,
+        body,
+        actor_id=principal.id,
+        expected_version=_expected_version(if_match),
     )
     return _reply(user, response)
 
@@ -270,7 +274,7 @@ async def delete_user(
             )
         await account.delete_own_account(db, sec, principal, body.current_password, client)
         return
-    await user_service.delete_user(db, sec, user_id, principal)
+    await user_service.delete_user(db, sec, user_id, principal.id)
 
 
 @router.get("/{user_id}/events", response_model=UserEventsPage, responses=_errors(401, 403, 422))

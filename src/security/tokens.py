@@ -6,7 +6,6 @@ Only a token's hash is stored, so a leaked database row cannot be replayed.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
 TOKEN_BYTES = 32
@@ -27,10 +26,3 @@ def hash_token(token: str) -> str:
     # surrogatepass: a malformed token from a JSON body ("\ud800") must hash to nothing stored,
     # not raise.
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def tokens_equal(a: str, b: str) -> bool:
-    """Compare in constant time, so response timing does not reveal how much of a token matched."""
-    return hmac.compare_digest(
-        a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
-    )
