@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 
 from bench import oracle
+from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.session import upgrade_database
 from src.main import create_app
@@ -157,7 +158,7 @@ async def main() -> None:
         await bare.aclose()
 
     # JWT signing: loaded key object vs PEM text (PyJWT re-parses PEM on every call).
-    key = app.state.security.tokens  # codec built at start-up, key already loaded
+    key = app_services(app).security.tokens  # codec built at start-up, key already loaded
     private = key.signing_key.private_key
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

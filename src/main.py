@@ -15,6 +15,7 @@ from src.api.routes import well_known
 from src.config.events import lifespan
 from src.config.logging import configure_logging
 from src.config.settings import Settings, load_settings
+from src.services.connections import Connections
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.connections = Connections()
     install_error_handlers(app)
     # The last added runs first: security headers wrap everything, even a refused request.
     app.add_middleware(

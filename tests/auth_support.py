@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.app.container import app_services
 from src.auth.rate_limit import PREFIX as LOGIN_PREFIX
 from src.auth.rate_limit import THROTTLE_PREFIX
 from src.db.models import OneTimeToken, OutboxEvent, User, UserSession
@@ -130,7 +131,7 @@ def session_of(tokens: dict[str, Any]) -> str:
 
 
 def _sessions(app: FastAPI) -> async_sessionmaker[AsyncSession]:
-    maker: async_sessionmaker[AsyncSession] = app.state.sessionmaker
+    maker: async_sessionmaker[AsyncSession] = app_services(app).sessionmaker
     return maker
 
 
@@ -154,7 +155,7 @@ async def one_time_secret(app: FastAPI, user_id: str, type_: str) -> dict[str, s
     assert rows, f"no {type_} event for {user_id}"
     assert rows[-1].sealed is not None, "the link was already purged"
     assert "token" not in rows[-1].payload and "url" not in rows[-1].payload
-    return open_secret(app.state.security.sealer, rows[-1].id, rows[-1].sealed)
+    return open_secret(app_services(app).security.sealer, rows[-1].id, rows[-1].sealed)
 
 
 async def one_time_token(app: FastAPI, user_id: str, type_: str) -> str:

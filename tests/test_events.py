@@ -18,9 +18,11 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from src.app.container import app_services
 from src.db.models import OutboxEvent
 from src.events.outbox import open_secret, outbox_backlog
 from src.security.sealing import UnsealError
+from src.services.connections import connections_of
 from tests.conftest import SettingsFactory
 from tests.events_support import (
     FAST_GROUP_JOIN,
@@ -61,7 +63,7 @@ async def _kafka_health(client: httpx.AsyncClient) -> tuple[int, dict[str, Any]]
 
 
 async def _pending(app: FastAPI) -> int:
-    async with app.state.sessionmaker() as db:
+    async with app_services(app).sessionmaker() as db:
         count, _ = await outbox_backlog(db)
     return count
 
@@ -219,10 +221,10 @@ async def test_registration_does_not_wait_on_kafka(
 ) -> None:
     timings: dict[str, list[float]] = {}
     async with running_app(_settings(make_settings, kafka_process.bootstrap)) as (app, client):
-        await eventually(lambda: app.state.kafka_available)
+        await eventually(lambda: connections_of(app).kafka_available)
         timings["broker up"] = await _registration_times(client)
         await asyncio.to_thread(kafka_process.stop)
-        await eventually(lambda: not app.state.kafka_available)
+        await eventually(lambda: not connections_of(app).kafka_available)
         timings["broker stopped"] = await _registration_times(client)
     silent = SilentServer()
     try:
@@ -247,7 +249,7 @@ async def test_notification_events_go_to_their_own_topic(
 ) -> None:
     bootstrap = kafka_process.bootstrap
     async with running_app(_settings(make_settings, bootstrap)) as (app, client):
-        sealer = app.state.security.sealer
+        sealer = app_services(app).security.sealer
         user = await register(client)
         reply = await client.post(
             "/api/v1/auth/password-reset/request", json={"email": user["email"]}
@@ -288,7 +290,7 @@ async def test_notification_events_go_to_their_own_topic(
 
 
 async def _published_rows(app: FastAPI, user_id: str) -> list[OutboxEvent] | None:
-    async with app.state.sessionmaker() as db:
+    async with app_services(app).sessionmaker() as db:
         query = select(OutboxEvent).where(OutboxEvent.aggregate_id == uuid.UUID(user_id))
         rows = list((await db.execute(query)).scalars().all())
     return rows if rows and all(row.published_at for row in rows) else None
@@ -341,7 +343,7 @@ async def test_kafka_health_reports_the_backlog_and_the_relay_error(
         assert body["details"]["relay"]["published_total"] >= later["pending"]
 
         # A backlog that is stuck while the broker is fine (here: no relay) is unhealthy too.
-        relay_task = next(t for t in app.state.background_tasks if t.get_name() == "outbox-relay")
+        relay_task = next(t for t in app_services(app).tasks if t.get_name() == "outbox-relay")
         relay_task.cancel()
         await asyncio.gather(relay_task, return_exceptions=True)
         await register(client)

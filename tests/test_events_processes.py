@@ -16,6 +16,7 @@ import httpx
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from src.app.container import app_services
 from src.events.outbox import EventType, record_event
 from tests.conftest import SettingsFactory
 from tests.events_support import (
@@ -200,7 +201,7 @@ async def test_the_example_consumer_prints_each_event_once(
             await producer.send_and_wait(USER_EVENTS, registered.value, key=registered.key)
         finally:
             await producer.stop()
-        async with app.state.sessionmaker() as db:
+        async with app_services(app).sessionmaker() as db:
             record_event(db, settings, EventType.UPDATED, uuid.UUID(user["id"]), {"n": 1})
             await db.commit()
         await wait_for_records(

@@ -12,6 +12,7 @@ import pytest_asyncio
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.models import OutboxEvent
 from src.db.session import create_engine, create_sessionmaker
@@ -67,7 +68,7 @@ async def test_two_relays_publish_each_row_once_in_order(
         OUTBOX_POLL_INTERVAL=0.05,
     )
     async with running_app(settings) as (app, client):
-        sessionmaker = app.state.sessionmaker
+        sessionmaker = app_services(app).sessionmaker
         ids = [(await register(client))["id"] for _ in range(users_count)]
         manager = await eventually(lambda: get_kafka_from_app(app))
         # The app's own relay keeps running too: three relays, two producers, the same rows.

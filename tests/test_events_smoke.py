@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from src.app.container import app_services
 from tests.conftest import SettingsFactory
 from tests.events_support import FAST_GROUP_JOIN
 from tests.helpers import OPERATOR, bearer, eventually, login, register, running_app
@@ -24,7 +25,8 @@ async def test_registration_reaches_the_audit_trail(make_settings: SettingsFacto
         health = (await client.get("/api/v1/health/kafka", headers=OPERATOR)).json()
         assert health["status"] == "healthy"
         assert health["details"]["outbox"]["pending"] == 0
-        assert app.state.relay.published_total >= 3
+        relay = app_services(app).relay
+        assert relay is not None and relay.published_total >= 3
 
 
 async def _has(trail, wanted: set[str]) -> list[str] | None:  # type: ignore[no-untyped-def]

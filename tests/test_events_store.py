@@ -15,6 +15,7 @@ import pytest_asyncio
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.app.container import app_services
 from src.db.models import AuditEvent, OutboxEvent
 from src.db.session import create_engine, create_sessionmaker
 from src.db.types import utcnow
@@ -134,7 +135,7 @@ async def test_the_audit_trail_pages_and_is_private(
         _, stranger = await signed_in(client)
         admin = bearer(await login(client, admin_email, ADMIN_PASSWORD))
         records = _records(uuid.UUID(user["id"]), 7)
-        consumer = AuditConsumer(settings, app.state.sessionmaker, lambda: None)
+        consumer = AuditConsumer(settings, app_services(app).sessionmaker, lambda: None)
         assert await consumer.store(records) == 7
         expected = [str(KafkaSerializer().deserialize(r.value)["id"]) for r in records]
         url = f"/api/v1/users/{user['id']}/events"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from src.services.connections import get_kafka_from_app, get_redis_from_app
+from src.services.connections import connections_of, get_kafka_from_app, get_redis_from_app
 from src.services.kafka import KafkaUnavailableError
 from tests.conftest import SettingsFactory
 from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
@@ -32,7 +32,7 @@ async def _wait_for(client: httpx.AsyncClient, app: FastAPI, name: str, up: bool
     expected = 200 if up else 503
 
     async def agreed() -> bool:
-        flag = getattr(app.state, f"{name}_available")
+        flag = getattr(connections_of(app), f"{name}_available")
         return flag is up and await _status_code(client, name) == expected
 
     await eventually(agreed, timeout=10)
@@ -75,7 +75,7 @@ async def test_broker_lost_and_restarted_while_running(
         await _wait_for(client, app, "kafka", up=True)
         kafka = get_kafka_from_app(app)
         assert kafka is not None
-        before = await app.state.kafka.send(topic, {"n": 1}, key="k", timeout=10)
+        before = await kafka.send(topic, {"n": 1}, key="k", timeout=10)
         assert before.offset >= 0
 
         # tansu lingers on SIGTERM while clients are connected; a crash is the harsher case anyway.
@@ -84,7 +84,7 @@ async def test_broker_lost_and_restarted_while_running(
         assert get_kafka_from_app(app) is None
         # A send while the broker is away fails within its bound instead of hanging.
         with pytest.raises(KafkaUnavailableError):
-            await app.state.kafka.send(topic, {"n": 2}, key="k", timeout=1)
+            await kafka.send(topic, {"n": 2}, key="k", timeout=1)
 
         await asyncio.to_thread(kafka_process.start)
         await _wait_for(client, app, "kafka", up=True)
@@ -132,10 +132,12 @@ async def test_shut_down_with_the_broker_gone_and_a_message_unsent_is_bounded(
     before = asyncio.all_tasks()
     async with running_app(settings) as (app, client):
         await _wait_for(client, app, "kafka", up=True)
-        await app.state.kafka.send("faults-unsent", {"n": 1}, key="k", timeout=10)
+        kafka = connections_of(app).kafka
+        assert kafka is not None
+        await kafka.send("faults-unsent", {"n": 1}, key="k", timeout=10)
         await asyncio.to_thread(kafka_process.kill)
         with pytest.raises(KafkaUnavailableError):
-            await app.state.kafka.send("faults-unsent", {"n": 2}, key="k", timeout=0.5)
+            await kafka.send("faults-unsent", {"n": 2}, key="k", timeout=0.5)
         started = time.perf_counter()
     elapsed = time.perf_counter() - started
     print(f"shut-down with an unsent message and no broker: {elapsed:.2f}s")

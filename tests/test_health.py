@@ -7,6 +7,8 @@ import asyncio
 import httpx
 from sqlalchemy import event
 
+from src.app.container import app_services
+from src.services.connections import connections_of
 from tests.conftest import SettingsFactory
 from tests.helpers import OPERATOR, running_app
 
@@ -40,7 +42,7 @@ async def test_disabled_dependencies_are_disabled_not_unhealthy(
 ) -> None:
     settings = make_settings(REDIS_ENABLED=False, KAFKA_ENABLED=False)
     async with running_app(settings) as (app, client):
-        assert app.state.redis is None and app.state.kafka is None
+        assert connections_of(app).redis is None and connections_of(app).kafka is None
         body = (await client.get("/api/v1/health", headers=OPERATOR)).json()
         assert body["status"] == "healthy"
         assert body["checks"]["redis"] == {"status": "disabled"}
@@ -63,7 +65,7 @@ async def test_anonymous_callers_share_one_live_report(make_settings: SettingsFa
             if sql.strip().upper() == "SELECT 1":
                 selects.append(sql)
 
-        engine = app.state.engine.sync_engine
+        engine = app_services(app).engine.sync_engine
         event.listen(engine, "before_cursor_execute", count)
         try:
             answers = await asyncio.gather(

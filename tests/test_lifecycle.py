@@ -23,9 +23,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from src.app.container import app_services
 from src.config.events import StartupError
 from src.config.settings import Settings
-from src.services.connections import get_kafka_from_app, get_redis_from_app
+from src.services.connections import connections_of, get_kafka_from_app, get_redis_from_app
 from tests.conftest import SettingsFactory
 from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
 from tests.servers import KafkaBroker, RedisServer, SilentServer, free_port
@@ -93,7 +94,10 @@ async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
     started = _Started(settings)
     async with started as (app, client):
         assert started.startup_seconds < 2.0, started.startup_seconds
-        assert app.state.redis_available is False and app.state.kafka_available is False
+        assert (
+            connections_of(app).redis_available is False
+            and connections_of(app).kafka_available is False
+        )
         assert get_redis_from_app(app) is None and get_kafka_from_app(app) is None
 
         body = await _health(client)
@@ -140,7 +144,10 @@ async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
         async with started as (app, client):
             print(f"start-up against silent hosts: {started.startup_seconds:.2f}s")
             assert started.startup_seconds < 2.5, started.startup_seconds
-            assert app.state.redis_available is False and app.state.kafka_available is False
+            assert (
+                connections_of(app).redis_available is False
+                and connections_of(app).kafka_available is False
+            )
             asked = time.perf_counter()
             body = await _health(client)
             # Each live check is cut off at HEALTH_CHECK_TIMEOUT (< 1 s); they run concurrently.
@@ -192,7 +199,7 @@ async def test_dependencies_arriving_late_are_picked_up_without_restart(
         await eventually(lambda: get_kafka_from_app(app) is not None, timeout=5)
         redis = get_redis_from_app(app)
         kafka = get_kafka_from_app(app)
-        assert redis is app.state.redis and kafka is app.state.kafka
+        assert redis is connections_of(app).redis and kafka is connections_of(app).kafka
         assert redis is not None and kafka is not None
         await redis.set("lifecycle:late", "yes")
         assert await redis.get("lifecycle:late") == "yes"
@@ -204,7 +211,7 @@ async def test_dependencies_arriving_late_are_picked_up_without_restart(
 
 
 def _supervisor_tasks(app: FastAPI) -> list[asyncio.Task[None]]:
-    return [t for t in app.state.background_tasks if t.get_name().startswith("supervisor:")]
+    return [t for t in app_services(app).tasks if t.get_name().startswith("supervisor:")]
 
 
 @pytest.mark.parametrize(
@@ -234,7 +241,7 @@ async def test_disabled_dependencies_get_no_watcher(
         assert (get_kafka_from_app(app) is None) is not kafka_enabled
     # Shut-down cancels the watchers; none outlives the app.
     assert all(t.done() for t in tasks)
-    assert app.state.redis is None and app.state.kafka is None
+    assert connections_of(app).redis is None and connections_of(app).kafka is None
 
 
 # --- the database ---------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.models import MailDelivery, OutboxEvent
 from src.db.session import create_engine, create_sessionmaker, upgrade_database
@@ -1289,7 +1290,7 @@ async def test_a_newcomer_gets_the_verification_mail_and_its_link_works(
         )
         assert confirmed.status_code == 200 and confirmed.json()["email_verified"] is True
         # Delivered: the outbox no longer holds the sealed link.
-        async with app.state.sessionmaker() as db:
+        async with app_services(app).sessionmaker() as db:
             query = select(OutboxEvent).where(OutboxEvent.type == "user.verification_requested")
             rows = (await db.execute(query)).scalars().all()
         mine = [row for row in rows if row.payload.get("email") == email]

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
+from src.services.connections import connections_of
 from tests.auth_support import one_time_token, outbox
 from tests.conftest import ADMIN_PASSWORD
 from tests.helpers import (
@@ -373,7 +374,7 @@ async def test_no_stale_entry_after_a_failed_invalidation(
             finally:
                 await direct.acl_setuser("default", enabled=True, commands=["+@all"])
             # The supervisor's next PING makes Redis "available" again.
-            await eventually(lambda: app.state.redis_available, timeout=5)
+            await eventually(lambda: connections_of(app).redis_available, timeout=5)
             print(
                 "DBG",
                 await direct.keys("*"),

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.api.client_address import client_ip
+from src.app.container import app_services
 from src.auth import service as auth_service
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
@@ -34,19 +35,17 @@ def get_settings(request: Request) -> Settings:
 
 
 def get_security(request: Request) -> Security:
-    security: Security = request.app.state.security
-    return security
+    return app_services(request.app).security
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.sessionmaker() as session:
+    async with app_services(request.app).sessionmaker() as session:
         yield session
 
 
 def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     """For work that runs after the response and opens its own session."""
-    sessions: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    return sessions
+    return app_services(request.app).sessionmaker
 
 
 def get_redis(request: Request) -> Redis | None:

@@ -10,14 +10,11 @@ import asyncio
 import uuid
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
-
-from src.auth.jwt import AccessTokenCodec, load_signing_key
+from src.auth.jwt import AccessTokenCodec
 from src.auth.passwords import PasswordHasher
 from src.auth.rate_limit import LoginGuard, RequestThrottle
 from src.config.settings import Settings
-from src.security.sealing import Sealer, load_sealer
-from src.services.connections import get_redis_from_app
+from src.security.sealing import Sealer
 from src.users.cache import UserCache
 from src.users.schemas import UserPublic
 
@@ -56,27 +53,3 @@ class Principal:
     @property
     def is_admin(self) -> bool:
         return self.user.role == "admin"
-
-
-def build_security(app: FastAPI) -> Security:
-    settings: Settings = app.state.settings
-
-    def bypass_redis() -> None:
-        # A failed invalidation may leave a stale entry: stop reading Redis until it is emptied.
-        # The supervisor empties the cache (a recovery hook) before it marks Redis available.
-        app.state.redis_available = False
-
-    return Security(
-        settings=settings,
-        hasher=PasswordHasher(settings),
-        tokens=AccessTokenCodec(load_signing_key(settings), settings),
-        guard=LoginGuard(settings, lambda: get_redis_from_app(app)),
-        throttle=RequestThrottle(settings, lambda: get_redis_from_app(app)),
-        cache=UserCache(
-            lambda: get_redis_from_app(app),
-            ttl_seconds=settings.CACHE_TTL_SECONDS,
-            timeout=settings.HEALTH_CHECK_TIMEOUT,
-            on_write_failure=bypass_redis,
-        ),
-        sealer=load_sealer(settings),
-    )

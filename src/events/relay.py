@@ -73,17 +73,19 @@ class OutboxRelay:
                 raise
             except Exception as exc:  # noqa: BLE001 - the relay must outlive any one failure
                 self._failed(exc)
-                await asyncio.sleep(delay)
+                # Backing off, but a new commit or the broker coming back (the supervisor sets
+                # the signal then) ends the wait at once.
+                await self._wait_for_work(delay)
                 delay = min(delay * 2, self.settings.RECONNECT_BACKOFF_MAX)
                 continue
             delay = self.settings.RECONNECT_BACKOFF_INITIAL
             if published >= self.settings.OUTBOX_BATCH_SIZE:
                 continue  # more may be waiting: drain before sleeping
-            await self._wait_for_work()
+            await self._wait_for_work(self.settings.OUTBOX_POLL_INTERVAL)
 
-    async def _wait_for_work(self) -> None:
+    async def _wait_for_work(self, at_most: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.signal.wait(), self.settings.OUTBOX_POLL_INTERVAL)
+            await asyncio.wait_for(self.signal.wait(), at_most)
         self.signal.clear()
 
     def _failed(self, exc: BaseException, log: bool = True) -> None:

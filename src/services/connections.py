@@ -1,14 +1,17 @@
 """Connecting to Redis and Kafka at start-up, closing them at shut-down, and finding them later.
 
-The names are the specification's. A dependency that cannot be reached at start-up costs one
-warning and an ``*_available = False`` flag on ``app.state``; the reconnect supervisor
-(``src.services.supervisor``) keeps trying and flips the flag back without a restart.
+The names are the specification's. The app keeps both in one ``Connections`` object
+(``app.state.connections``). A dependency that cannot be reached at start-up costs one warning
+and an ``*_available = False`` flag there; the reconnect supervisor (``src.services.supervisor``)
+keeps trying and flips the flag back without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -18,6 +21,32 @@ from src.services.kafka.manager import KafkaManager
 from src.services.redis_client import create_redis_client, ping
 
 logger = logging.getLogger(__name__)
+
+
+RecoveryHook = Callable[[Redis], Awaitable[object]]
+
+
+@dataclass
+class Connections:
+    """Redis and Kafka as the app holds them.
+
+    The client and the manager are kept while their server is down (they reconnect by
+    themselves, or through the supervisor); ``*_available`` says whether to use them right now.
+    ``redis_recovery_hooks`` run before Redis is trusted again after an outage (the cache empties
+    itself there: invalidations were lost meanwhile).
+    """
+
+    redis: Redis | None = None
+    redis_available: bool = False
+    kafka: KafkaManager | None = None
+    kafka_available: bool = False
+    redis_recovery_hooks: list[RecoveryHook] = field(default_factory=list)
+
+
+def connections_of(app: FastAPI) -> Connections:
+    """The app's connections (created with the app, see ``src.main.create_app``)."""
+    found: Connections = app.state.connections
+    return found
 
 
 def _settings(app: FastAPI) -> Settings:
@@ -31,15 +60,14 @@ def _describe(exc: BaseException) -> str:
 
 async def initialize_redis_connection(app: FastAPI) -> bool:
     """Create the Redis client and PING it; return whether Redis is available."""
-    settings = _settings(app)
-    app.state.redis = None
-    app.state.redis_available = False
+    settings, held = _settings(app), connections_of(app)
+    held.redis, held.redis_available = None, False
     if not settings.REDIS_ENABLED:
         logger.info("Redis is disabled (REDIS_ENABLED=false)")
         return False
     client = create_redis_client(settings)
     # Kept even when the PING fails: the pool reconnects by itself once Redis is back.
-    app.state.redis = client
+    held.redis = client
     try:
         await ping(client, settings.REDIS_CONNECT_TIMEOUT + settings.REDIS_SOCKET_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - Redis failing must never stop start-up
@@ -50,21 +78,20 @@ async def initialize_redis_connection(app: FastAPI) -> bool:
             _describe(exc),
         )
         return False
-    app.state.redis_available = True
+    held.redis_available = True
     logger.info("Redis connected at %s:%s", settings.REDIS_HOST, settings.REDIS_PORT)
     return True
 
 
 async def initialize_kafka_connection(app: FastAPI) -> bool:
     """Create the ``KafkaManager`` and start its producer; return whether Kafka is available."""
-    settings = _settings(app)
-    app.state.kafka = None
-    app.state.kafka_available = False
+    settings, held = _settings(app), connections_of(app)
+    held.kafka, held.kafka_available = None, False
     if not settings.KAFKA_ENABLED:
         logger.info("Kafka is disabled (KAFKA_ENABLED=false)")
         return False
     manager = KafkaManager(settings)
-    app.state.kafka = manager
+    held.kafka = manager
     try:
         await manager.start()
     except Exception as exc:  # noqa: BLE001 - Kafka failing must never stop start-up
@@ -74,15 +101,15 @@ async def initialize_kafka_connection(app: FastAPI) -> bool:
             _describe(exc),
         )
         return False
-    app.state.kafka_available = True
+    held.kafka_available = True
     logger.info("Kafka connected at %s", settings.KAFKA_BOOTSTRAP_SERVERS)
     return True
 
 
 async def close_redis_connection(app: FastAPI) -> None:
-    client: Redis | None = getattr(app.state, "redis", None)
-    app.state.redis = None
-    app.state.redis_available = False
+    held = connections_of(app)
+    client = held.redis
+    held.redis, held.redis_available = None, False
     if client is not None:
         try:
             await asyncio.wait_for(client.aclose(), 2)
@@ -92,9 +119,9 @@ async def close_redis_connection(app: FastAPI) -> None:
 
 
 async def close_kafka_connection(app: FastAPI) -> None:
-    manager: KafkaManager | None = getattr(app.state, "kafka", None)
-    app.state.kafka = None
-    app.state.kafka_available = False
+    held = connections_of(app)
+    manager = held.kafka
+    held.kafka, held.kafka_available = None, False
     if manager is not None:
         await manager.stop()
         logger.info("Kafka connection closed")
@@ -102,15 +129,11 @@ async def close_kafka_connection(app: FastAPI) -> None:
 
 def get_redis_from_app(app: FastAPI) -> Redis | None:
     """The Redis client, or ``None`` while Redis is disabled or unavailable (fall back)."""
-    if getattr(app.state, "redis_available", False):
-        client: Redis | None = app.state.redis
-        return client
-    return None
+    held = connections_of(app)
+    return held.redis if held.redis_available else None
 
 
 def get_kafka_from_app(app: FastAPI) -> KafkaManager | None:
     """The ``KafkaManager``, or ``None`` while Kafka is disabled or unavailable."""
-    if getattr(app.state, "kafka_available", False):
-        manager: KafkaManager | None = app.state.kafka
-        return manager
-    return None
+    held = connections_of(app)
+    return held.kafka if held.kafka_available else None

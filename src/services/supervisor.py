@@ -12,10 +12,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI
-
 from src.config.settings import Settings
-from src.services.kafka.manager import KafkaManager
+from src.services.connections import Connections
 from src.services.redis_client import ping
 
 logger = logging.getLogger(__name__)
@@ -23,58 +21,83 @@ logger = logging.getLogger(__name__)
 Probe = Callable[[], Awaitable[None]]
 
 
-async def _watch(app: FastAPI, name: str, flag: str, probe: Probe, settings: Settings) -> None:
+async def _watch(
+    connections: Connections,
+    name: str,
+    flag: str,
+    probe: Probe,
+    settings: Settings,
+    on_recovery: Callable[[], None] | None = None,
+) -> None:
     delay = settings.RECONNECT_BACKOFF_INITIAL
     while True:
         try:
             await probe()
         except Exception as exc:  # noqa: BLE001 - any failure means "down"; keep watching
-            if getattr(app.state, flag, False):
-                setattr(app.state, flag, False)
+            if getattr(connections, flag):
+                setattr(connections, flag, False)
                 # A timeout's text is empty: name the exception rather than log "()".
                 reason = str(exc) or type(exc).__name__
                 logger.warning("%s connection lost (%s); retrying in the background", name, reason)
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
             continue
-        if not getattr(app.state, flag, False):
-            setattr(app.state, flag, True)
+        if not getattr(connections, flag):
+            setattr(connections, flag, True)
             logger.info("%s connection (re)established", name)
+            if on_recovery is not None:
+                on_recovery()
         delay = settings.RECONNECT_BACKOFF_INITIAL
         await asyncio.sleep(settings.SUPERVISOR_INTERVAL)
 
 
-def start_supervisor(app: FastAPI) -> list[asyncio.Task[None]]:
-    """Start one watcher per enabled dependency; the caller owns (and cancels) the tasks."""
-    settings: Settings = app.state.settings
+def start_supervisor(
+    settings: Settings,
+    connections: Connections,
+    on_kafka_recovery: Callable[[], None] | None = None,
+) -> list[asyncio.Task[None]]:
+    """Start one watcher per enabled dependency; the caller owns (and cancels) the tasks.
+
+    ``on_kafka_recovery`` runs the moment Kafka is back (the relay is woken with it, rather than
+    waiting out its own backoff while the broker is already there).
+    """
     tasks: list[asyncio.Task[None]] = []
-    if settings.REDIS_ENABLED and app.state.redis is not None:
-        client = app.state.redis
+    client = connections.redis
+    if settings.REDIS_ENABLED and client is not None:
+        redis_client = client
 
         async def probe_redis() -> None:
-            await ping(client, settings.HEALTH_CHECK_TIMEOUT)
-            if not app.state.redis_available:
+            await ping(redis_client, settings.HEALTH_CHECK_TIMEOUT)
+            if not connections.redis_available:
                 # Coming back: let owners of Redis data repair it before anyone reads it again.
-                for hook in getattr(app.state, "redis_recovery_hooks", []):
-                    await hook(client)
+                for hook in connections.redis_recovery_hooks:
+                    await hook(redis_client)
 
         tasks.append(
             asyncio.create_task(
-                _watch(app, "Redis", "redis_available", probe_redis, settings),
+                _watch(connections, "Redis", "redis_available", probe_redis, settings),
                 name="supervisor:redis",
             )
         )
-    if settings.KAFKA_ENABLED and app.state.kafka is not None:
-        manager: KafkaManager = app.state.kafka
+    manager = connections.kafka
+    if settings.KAFKA_ENABLED and manager is not None:
+        kafka_manager = manager
 
         async def probe_kafka() -> None:
-            if not manager.started:
-                await manager.start()
-            await manager.check_cluster(settings.HEALTH_CHECK_TIMEOUT)
+            if not kafka_manager.started:
+                await kafka_manager.start()
+            await kafka_manager.check_cluster(settings.HEALTH_CHECK_TIMEOUT)
 
         tasks.append(
             asyncio.create_task(
-                _watch(app, "Kafka", "kafka_available", probe_kafka, settings),
+                _watch(
+                    connections,
+                    "Kafka",
+                    "kafka_available",
+                    probe_kafka,
+                    settings,
+                    on_kafka_recovery,
+                ),
                 name="supervisor:kafka",
             )
         )

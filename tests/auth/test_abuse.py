@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 from starlette.types import Message, Receive, Scope, Send
 
+from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.models import User
 from tests.auth_support import (
@@ -161,7 +162,7 @@ async def test_parallel_guesses_check_no_more_passwords_than_the_threshold(
 ) -> None:
     async with running_app(make_settings(LOCKOUT_FAILURE_THRESHOLD=5)) as (app, client):
         user = await register(client)
-        hasher = app.state.security.hasher
+        hasher = app_services(app).security.hasher
         checked: list[str] = []
         real_verify = hasher.verify
 
@@ -241,7 +242,7 @@ async def test_throttles_hold_while_redis_is_down(
                 answer = await sender.post(RESET_URL, json={"email": victim["email"]})
                 assert answer.status_code == 202
         assert len(await outbox(app, victim["id"], RESET_REQUESTED)) == 1
-        assert app.state.security.throttle.degraded
+        assert app_services(app).security.throttle.degraded
 
 
 # --- no account oracle ---------------------------------------------------------------------------
@@ -269,7 +270,7 @@ class _ResponseWatch:
 
     @contextmanager
     def listening(self) -> Iterator[None]:
-        engine = self.app.state.engine.sync_engine
+        engine = app_services(self.app).engine.sync_engine
         event.listen(engine, "before_cursor_execute", self.statement)
         try:
             yield
@@ -347,7 +348,7 @@ async def test_anonymous_health_shows_statuses_only(
 
 async def _admin_headers(app: FastAPI, client: httpx.AsyncClient) -> dict[str, str]:
     admin = await register(client)
-    async with app.state.sessionmaker() as db:
+    async with app_services(app).sessionmaker() as db:
         row = await db.get(User, uuid.UUID(admin["id"]))
         assert row is not None
         row.role = "admin"

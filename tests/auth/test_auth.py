@@ -18,7 +18,9 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
+from src.app.container import app_services
 from src.config.settings import Settings
+from src.services.connections import connections_of
 from tests.auth.conftest import App
 from tests.auth_support import (
     API,
@@ -139,7 +141,7 @@ async def test_password_grant_answers_per_rfc_6749(app: App) -> None:
 
     header = jwt.get_unverified_header(body["access_token"])
     assert header["alg"] == "RS256"
-    assert header["kid"] == fastapi_app.state.security.tokens.signing_key.kid
+    assert header["kid"] == app_services(fastapi_app).security.tokens.signing_key.kid
     claims = unverified_claims(body["access_token"])
     settings: Settings = fastapi_app.state.settings
     assert claims["sub"] == user["id"]
@@ -293,7 +295,7 @@ async def test_logout_takes_effect_at_once_with_the_cache_warm(
     app: App, redis_client: Redis
 ) -> None:
     fastapi_app, client = app
-    assert fastapi_app.state.redis_available
+    assert connections_of(fastapi_app).redis_available
     user = await register(client)
     other = await login(client, user["email"])
     tokens = await login(client, user["email"])

@@ -11,7 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
+from src.app.container import app_services
 from src.config.settings import Settings
+from src.services.connections import connections_of
 from tests.auth_support import (
     API,
     ME_URL,
@@ -110,7 +112,7 @@ async def test_limits_hold_when_redis_goes_down(
 ) -> None:
     settings = make_settings(REDIS_PORT=redis_process.port, LOGIN_RATE_LIMIT_PER_IP=6, **LOCKOUT)
     async with running_app(settings) as (app, client):
-        guard = app.state.security.guard
+        guard = app_services(app).security.guard
         user = await register(client)
         other = await register(client)
         assert (await password_grant(client, user["email"])).status_code == 200
@@ -137,7 +139,7 @@ async def test_everything_works_with_redis_down_from_the_start(
 ) -> None:
     redis_process.stop()
     async with running_app(make_settings(REDIS_PORT=redis_process.port)) as (app, client):
-        assert not app.state.redis_available
+        assert not connections_of(app).redis_available
         user = await register(client)
         tokens = await login(client, user["email"])
         assert (await client.get(ME_URL, headers=bearer(tokens))).json()["id"] == user["id"]
@@ -155,7 +157,7 @@ async def test_logout_holds_when_redis_dies_with_the_session_cached(
     make_settings: Callable[..., Settings], redis_process: RedisServer
 ) -> None:
     async with running_app(make_settings(REDIS_PORT=redis_process.port)) as (app, client):
-        assert app.state.redis_available
+        assert connections_of(app).redis_available
         user = await register(client)
         tokens = await login(client, user["email"])
         assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
@@ -165,7 +167,7 @@ async def test_logout_holds_when_redis_dies_with_the_session_cached(
         assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
 
         redis_process.start()
-        await eventually(lambda: app.state.redis_available, timeout=10)
+        await eventually(lambda: connections_of(app).redis_available, timeout=10)
         assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
         again = await login(client, user["email"])
         assert (await client.get(ME_URL, headers=bearer(again))).status_code == 200

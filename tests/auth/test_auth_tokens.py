@@ -18,6 +18,7 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from src.app.container import app_services
 from src.auth.context import Security
 from src.config.settings import Settings
 from tests.auth.conftest import App
@@ -121,7 +122,7 @@ async def test_forged_or_stale_tokens_are_refused(
     tokens = await login(client, user["email"])
     assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
 
-    forged = forge(tokens["access_token"], fastapi_app.state.security)
+    forged = forge(tokens["access_token"], app_services(fastapi_app).security)
     response = await client.get(ME_URL, headers=bearer(forged))
     assert_unauthenticated(response)
     assert forged not in response.text and tokens["access_token"] not in response.text
@@ -150,7 +151,7 @@ async def test_token_of_a_deleted_user_is_refused(app: App) -> None:
 
     assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))
     # Even a correctly signed, unexpired token naming the deleted user and its old session.
-    fresh, _ = fastapi_app.state.security.tokens.issue(
+    fresh, _ = app_services(fastapi_app).security.tokens.issue(
         uuid.UUID(user["id"]), uuid.UUID(session_of(tokens)), "user"
     )
     assert_unauthenticated(await client.get(ME_URL, headers=bearer(fresh)))
@@ -183,7 +184,7 @@ async def test_jwks_verifies_an_issued_token(app: App) -> None:
     # And it is the public half of the key the service signs with: a forged token fails.
     with pytest.raises(jwt.InvalidSignatureError):
         jwt.decode(
-            _foreign_signature(tokens["access_token"], fastapi_app.state.security),
+            _foreign_signature(tokens["access_token"], app_services(fastapi_app).security),
             jwt.PyJWK(jwk).key,
             algorithms=[jwk["alg"]],
             audience=settings.JWT_AUDIENCE,
@@ -222,7 +223,7 @@ async def test_expiry_leeway_is_a_setting(make_settings: Callable[..., Settings]
         async with running_app(make_settings(JWT_LEEWAY_SECONDS=leeway)) as (fastapi_app, client):
             user = await register(client)
             tokens = await login(client, user["email"])
-            codec = fastapi_app.state.security.tokens
+            codec = app_services(fastapi_app).security.tokens
             lifetime = timedelta(minutes=fastapi_app.state.settings.ACCESS_TOKEN_EXPIRE_MINUTES)
             # Expired three seconds ago, as a token checked on a host whose clock runs behind.
             issued = datetime.now(UTC) - lifetime - timedelta(seconds=3)

@@ -20,9 +20,8 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response, status
 from pydantic import BaseModel
 
 from src.api.dependencies import bearer_transport
-from src.auth.service import authenticate
-from src.config.settings import Settings
-from src.services.health import (
+from src.app.container import app_services
+from src.app.health import (
     CheckResult,
     CheckStatus,
     HealthReport,
@@ -35,6 +34,8 @@ from src.services.health import (
     readiness,
     shares,
 )
+from src.auth.service import authenticate
+from src.config.settings import Settings
 
 router = APIRouter(prefix="/health", tags=["health"])
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
@@ -100,8 +101,9 @@ async def is_operator(
     ):
         return True
     try:
-        async with request.app.state.sessionmaker() as db:
-            principal = await authenticate(db, request.app.state.security, token)
+        services = app_services(request.app)
+        async with services.sessionmaker() as db:
+            principal = await authenticate(db, services.security, token)
     except Exception:  # noqa: BLE001 - not an operator: a bad token, or no database to ask
         return False
     return principal.is_admin

@@ -216,7 +216,8 @@ class Settings(BaseSettings):
     SUPERVISOR_INTERVAL: float = Field(default=2.0, gt=0, le=300)
     # Backoff between reconnect attempts to a dependency that is down (doubles up to the maximum).
     RECONNECT_BACKOFF_INITIAL: float = Field(default=0.5, gt=0, le=300)
-    RECONNECT_BACKOFF_MAX: float = Field(default=30.0, gt=0, le=3600)
+    # Kept short: after a long outage, recovery should not wait out a long last backoff.
+    RECONNECT_BACKOFF_MAX: float = Field(default=5.0, gt=0, le=3600)
 
     @field_validator("KAFKA_BOOTSTRAP_SERVERS")
     @classmethod

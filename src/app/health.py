@@ -17,11 +17,13 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from src import __version__
+from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.session import check_database, migration_status
 from src.db.types import utcnow
 from src.events.outbox import outbox_backlog
 from src.mail.sender import check_smtp
+from src.services.connections import connections_of
 from src.services.redis_client import ping
 
 T = TypeVar("T")
@@ -77,14 +79,14 @@ async def _run(probe: Callable[[], Awaitable[float]], timeout: float) -> CheckRe
 
 
 async def check_database_health(app: FastAPI) -> CheckResult:
-    settings: Settings = app.state.settings
-    timeout = settings.HEALTH_CHECK_TIMEOUT
-    return await _run(lambda: check_database(app.state.engine, timeout), timeout)
+    services = app_services(app)
+    timeout = services.settings.HEALTH_CHECK_TIMEOUT
+    return await _run(lambda: check_database(services.engine, timeout), timeout)
 
 
 async def check_redis_health(app: FastAPI) -> CheckResult:
     settings: Settings = app.state.settings
-    client = getattr(app.state, "redis", None)
+    client = connections_of(app).redis
     if not settings.REDIS_ENABLED or client is None:
         return CheckResult(status=CheckStatus.DISABLED)
     timeout = settings.HEALTH_CHECK_TIMEOUT
@@ -95,7 +97,7 @@ async def check_kafka_health(app: FastAPI) -> CheckResult:
     """The broker's answer, plus the outbox backlog: events can pile up while the broker is fine
     (a relay that keeps failing), and that is unhealthy too once it is older than the threshold."""
     settings: Settings = app.state.settings
-    manager = getattr(app.state, "kafka", None)
+    manager = connections_of(app).kafka
     timeout = settings.HEALTH_CHECK_TIMEOUT
     if not settings.KAFKA_ENABLED or manager is None:
         result = CheckResult(status=CheckStatus.DISABLED)
@@ -120,13 +122,13 @@ async def check_kafka_health(app: FastAPI) -> CheckResult:
 
 async def _outbox_details(app: FastAPI, timeout: float) -> dict[str, Any] | None:
     try:
-        async with asyncio.timeout(timeout), app.state.sessionmaker() as db:
+        async with asyncio.timeout(timeout), app_services(app).sessionmaker() as db:
             pending, oldest = await outbox_backlog(db)
     except Exception:  # noqa: BLE001 - the database check reports database trouble
         return None
     age = (utcnow() - oldest).total_seconds() if oldest else 0.0
     details: dict[str, Any] = {"outbox": {"pending": pending, "oldest_age_seconds": round(age, 1)}}
-    relay = getattr(app.state, "relay", None)
+    relay = app_services(app).relay
     if relay is not None:
         details["relay"] = {
             "published_total": relay.published_total,
@@ -172,10 +174,7 @@ class HealthShares:
 
 
 def shares(app: FastAPI) -> HealthShares:
-    found: HealthShares | None = getattr(app.state, "health_shares", None)
-    if found is None:
-        found = app.state.health_shares = HealthShares()
-    return found
+    return app_services(app).health
 
 
 async def check_mail_health(app: FastAPI) -> CheckResult:
@@ -183,7 +182,7 @@ async def check_mail_health(app: FastAPI) -> CheckResult:
     set, QUIT), shared for
     ``SMTP_PROBE_REUSE_SECONDS``, plus the counters of the courier running in this process."""
     settings: Settings = app.state.settings
-    courier = getattr(app.state, "courier", None)
+    courier = app_services(app).courier
     if not settings.mail_enabled:
         result = CheckResult(status=CheckStatus.DISABLED)
     else:
@@ -223,7 +222,7 @@ async def readiness(app: FastAPI) -> str | None:
     timeout = settings.HEALTH_CHECK_TIMEOUT
     try:
         async with asyncio.timeout(timeout):
-            current, head = await migration_status(app.state.engine)
+            current, head = await migration_status(app_services(app).engine)
     except Exception as exc:  # noqa: BLE001
         return f"database unreachable: {_error_text(exc, timeout)}"
     if current != head:

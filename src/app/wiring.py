@@ -1,0 +1,182 @@
+"""Putting the service together at start-up and taking it apart at shut-down.
+
+Order (README.md, "Start-up, shut-down and degradation"): keys and the hashing pool first (a
+missing production secret stops us before any I/O), then the database (the only dependency whose
+absence stops start-up), then Redis and Kafka together, then background work. Shut-down runs in
+reverse. ``src.config.events`` (the specification's place for these handlers) calls in here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from src.app.container import AppServices
+from src.app.health import HealthShares
+from src.auth.account import ensure_first_admin
+from src.auth.context import Security
+from src.auth.jwt import AccessTokenCodec, load_signing_key
+from src.auth.passwords import PasswordHasher
+from src.auth.rate_limit import LoginGuard, RequestThrottle
+from src.config.settings import Settings
+from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
+from src.events.audit import AuditConsumer
+from src.events.outbox import OUTBOX_SIGNAL
+from src.events.relay import OutboxRelay, keep_outbox_tidy
+from src.mail.courier import Courier
+from src.security.sealing import load_sealer
+from src.services.connections import (
+    Connections,
+    close_kafka_connection,
+    close_redis_connection,
+    connections_of,
+    get_kafka_from_app,
+    get_redis_from_app,
+    initialize_kafka_connection,
+    initialize_redis_connection,
+)
+from src.services.kafka.manager import KafkaManager
+from src.services.supervisor import start_supervisor
+from src.users.cache import UserCache, flush_cache
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(RuntimeError):
+    """The service cannot start: the database is unreachable or not migrated."""
+
+
+def build_security(app: FastAPI, settings: Settings, connections: Connections) -> Security:
+    """The long-lived security objects; Redis is looked up at each use (it comes and goes)."""
+
+    def bypass_redis() -> None:
+        # A failed invalidation may leave a stale entry: stop reading Redis until it is emptied.
+        # The supervisor empties the cache (a recovery hook) before it marks Redis available.
+        connections.redis_available = False
+
+    return Security(
+        settings=settings,
+        hasher=PasswordHasher(settings),
+        tokens=AccessTokenCodec(load_signing_key(settings), settings),
+        guard=LoginGuard(settings, lambda: get_redis_from_app(app)),
+        throttle=RequestThrottle(settings, lambda: get_redis_from_app(app)),
+        cache=UserCache(
+            lambda: get_redis_from_app(app),
+            ttl_seconds=settings.CACHE_TTL_SECONDS,
+            timeout=settings.HEALTH_CHECK_TIMEOUT,
+            on_write_failure=bypass_redis,
+        ),
+        sealer=load_sealer(settings),
+    )
+
+
+async def _check_database(engine: AsyncEngine, settings: Settings) -> None:
+    timeout = settings.DATABASE_CONNECT_TIMEOUT + 1
+    try:
+        # One bound for both round trips: start-up fails in bounded time, it never hangs.
+        async with asyncio.timeout(timeout):
+            await check_database(engine, timeout)
+            current, head = await migration_status(engine)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot start"
+        if isinstance(exc, TimeoutError):
+            reason = f"timed out (DATABASE_CONNECT_TIMEOUT={settings.DATABASE_CONNECT_TIMEOUT:g}s)"
+        else:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        where = engine.url.render_as_string(hide_password=True)
+        raise StartupError(f"database unreachable at {where}: {reason}") from None
+    if current != head:
+        raise StartupError(
+            f"database not migrated (at {sorted(current) or 'nothing'}, head is {sorted(head)}); "
+            "run `alembic upgrade head`"
+        )
+    logger.info("Database connected (%s)", engine.url.get_backend_name())
+
+
+async def start(app: FastAPI) -> None:
+    """Build ``app.state.services`` and start everything; on failure ``stop`` undoes the rest."""
+    settings: Settings = app.state.settings
+    connections = connections_of(app)
+    # Redis entries may be stale after an outage (invalidations were lost): empty the cache first.
+    connections.redis_recovery_hooks[:] = [flush_cache]
+    security = build_security(app, settings, connections)
+    engine = create_engine(settings)
+    signal = asyncio.Event()
+    services = app.state.services = AppServices(
+        settings=settings,
+        connections=connections,
+        engine=engine,
+        # Every session carries the relay's wake-up signal: a commit with events wakes it at once.
+        sessionmaker=create_sessionmaker(engine, info={OUTBOX_SIGNAL: signal}),
+        security=security,
+        outbox_signal=signal,
+        health=HealthShares(),
+    )
+    await _check_database(engine, settings)
+    # Redis and Kafka connect concurrently: each is bounded, neither can stop start-up.
+    await asyncio.gather(initialize_redis_connection(app), initialize_kafka_connection(app))
+    async with services.sessionmaker() as db:
+        await ensure_first_admin(db, security)
+    _start_background_work(app, services)
+    logger.info("Start-up complete")
+
+
+def _start_background_work(app: FastAPI, services: AppServices) -> None:
+    """The supervisor, the outbox relay, the audit consumer and the mail courier; they wait
+    quietly while Kafka is unavailable (the courier reads the outbox itself when Kafka is off)."""
+    settings, tasks = services.settings, services.tasks
+
+    def kafka() -> KafkaManager | None:
+        return get_kafka_from_app(app)
+
+    if settings.KAFKA_ENABLED:
+        services.relay = OutboxRelay(settings, services.sessionmaker, kafka, services.outbox_signal)
+        tasks.append(asyncio.create_task(services.relay.run(), name="outbox-relay"))
+        if settings.AUDIT_CONSUMER_ENABLED:
+            services.audit_consumer = AuditConsumer(settings, services.sessionmaker, kafka)
+            tasks.append(asyncio.create_task(services.audit_consumer.run(), name="audit-consumer"))
+    else:
+        # No relay to prune published rows and expired sealed links: tidy on a timer instead.
+        tidy = keep_outbox_tidy(services.sessionmaker, settings)
+        tasks.append(asyncio.create_task(tidy, name="outbox-housekeeping"))
+    if settings.mail_enabled and settings.MAIL_COURIER_IN_PROCESS:
+        services.courier = Courier(
+            settings,
+            services.sessionmaker,
+            services.security.sealer,
+            kafka=kafka,
+            signal=services.outbox_signal,
+        )
+        tasks.append(asyncio.create_task(services.courier.run(), name="mail-courier"))
+    # A broker coming back wakes the relay at once, not at the end of its own backoff.
+    tasks.extend(start_supervisor(settings, services.connections, services.outbox_signal.set))
+
+
+async def stop(app: FastAPI) -> None:
+    """Cancel background work, close Kafka, Redis and the database pool, stop the hashing pool:
+    whatever ``start`` got to, and nothing twice."""
+    services: AppServices | None = getattr(app.state, "services", None)
+    if services is not None:
+        await _cancel(services.tasks)
+    await close_kafka_connection(app)
+    await close_redis_connection(app)
+    if services is not None:
+        await services.engine.dispose()
+        services.security.close()
+        del app.state.services
+    logger.info("Shut-down complete")
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    pending = set(tasks)
+    while pending:
+        # Cancel until they stop: on Python 3.11 a cancellation can be lost inside a library's
+        # asyncio.wait_for (redis-py's socket writes do that), and one try would then hang here.
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
+    tasks.clear()
