@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,10 @@ from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from src.services.connections import connections_of
+from src.users.cache import PREFIX as CACHE_PREFIX
+from src.users.cache import session_key, user_key
+from src.users.schemas import UserUpdate
+from src.users.service import event_for
 from tests.auth_support import one_time_token, outbox
 from tests.conftest import ADMIN_PASSWORD
 from tests.helpers import (
@@ -261,12 +266,12 @@ async def test_cache_is_filled_and_invalidated(admin_app: AdminApp, redis_client
     _, client, admin = admin_app
     user, tokens = await with_tokens(client)
     auth = bearer(tokens)
-    user_key = f"ums:cache:user:{user['id']}"
-    session_key = f"ums:cache:session:{session_id(tokens)}"
+    user_entry = user_key(uuid.UUID(user["id"]))
+    session_entry = session_key(uuid.UUID(session_id(tokens)))
 
     assert (await client.get(ME, headers=auth)).status_code == 200
-    assert await redis_client.exists(user_key, session_key) == 2
-    cached = json.loads(await redis_client.get(user_key) or "{}")
+    assert await redis_client.exists(user_entry, session_entry) == 2
+    cached = json.loads(await redis_client.get(user_entry) or "{}")
     assert cached["id"] == user["id"] and "password_hash" not in cached
 
     # An admin's change drops the entry, and the user's very next request sees it.
@@ -274,10 +279,10 @@ async def test_cache_is_filled_and_invalidated(admin_app: AdminApp, redis_client
         f"{API}/users/{user['id']}", json={"full_name": "Renamed"}, headers=admin
     )
     assert patched.status_code == 200, patched.text
-    assert not await redis_client.exists(user_key)
+    assert not await redis_client.exists(user_entry)
     me = await client.get(ME, headers=auth)
     assert me.json()["full_name"] == "Renamed" and me.headers["etag"] == '"2"'
-    assert json.loads(await redis_client.get(user_key) or "{}")["full_name"] == "Renamed"
+    assert json.loads(await redis_client.get(user_entry) or "{}")["full_name"] == "Renamed"
 
     # The cached role decides authorization, so a promotion and a demotion take effect at once.
     assert_problem(await client.get(f"{API}/users", headers=auth), 403)
@@ -311,7 +316,7 @@ async def test_works_from_the_database_with_redis_stopped(
         assert (await client.get(ME, headers=auth)).status_code == 200
         direct = Redis(port=redis_process.port, decode_responses=True)
         try:
-            assert await direct.exists(f"ums:cache:user:{user['id']}")
+            assert await direct.exists(user_key(uuid.UUID(user["id"])))
         finally:
             await direct.aclose()
 
@@ -359,9 +364,10 @@ async def test_no_stale_entry_after_a_failed_invalidation(
             admin = bearer(await login(client, admin_email, ADMIN_PASSWORD))
             user, tokens = await with_tokens(client)
             auth = bearer(tokens)
-            user_key = f"ums:cache:user:{user['id']}"
+            user_entry = user_key(uuid.UUID(user["id"]))
             assert (await client.get(ME, headers=auth)).status_code == 200
-            assert await direct.exists(user_key, f"ums:cache:session:{session_id(tokens)}") == 2
+            session_entry = session_key(uuid.UUID(session_id(tokens)))
+            assert await direct.exists(user_entry, session_entry) == 2
 
             await direct.acl_setuser("default", enabled=True, commands=["-del", "-unlink"])
             try:
@@ -369,25 +375,19 @@ async def test_no_stale_entry_after_a_failed_invalidation(
                     f"{API}/users/{user['id']}", json={"is_active": False}, headers=admin
                 )
                 assert off.status_code == 200, off.text
-                assert await direct.exists(user_key)  # the stale entry is still there
+                assert await direct.exists(user_entry)  # the stale entry is still there
                 assert_unauthenticated(await client.get(ME, headers=auth))
             finally:
                 await direct.acl_setuser("default", enabled=True, commands=["+@all"])
             # The supervisor's next PING makes Redis "available" again.
             await eventually(lambda: connections_of(app).redis_available, timeout=5)
-            print(
-                "DBG",
-                await direct.keys("*"),
-                await direct.get(user_key),
-                await direct.get(f"ums:cache:session:{session_id(tokens)}"),
-            )
             for _ in range(3):
                 assert_unauthenticated(await client.get(ME, headers=auth))
-            cached = json.loads(await direct.get(user_key) or "{}")
+            cached = json.loads(await direct.get(user_entry) or "{}")
             assert cached.get("is_active", False) is False
             # And the admin's own requests are cached again, so Redis is really back in use.
             assert (await client.get(ME, headers=admin)).status_code == 200
-            assert await direct.keys("ums:cache:user:*")
+            assert [key async for key in direct.scan_iter(match=f"{CACHE_PREFIX}*")]
     finally:
         await direct.aclose()
 
@@ -515,3 +515,35 @@ async def test_openapi_documents_error_responses(app_client: httpx.AsyncClient) 
     # Every /users operation and the two logouts need a token (and so must document 401).
     assert authenticated == sum(path.startswith(f"{API}/users") for _, path in seen) + 2
     assert ("post", "/api/v1/auth/logout") in seen and ("get", "/api/v1/users/me") in seen
+
+
+# --- every change is an event ---------------------------------------------------------------------
+
+
+def _another_value(field: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        return not current
+    if field == "role":
+        return "admin" if current == "user" else "user"
+    if field == "email":
+        return unique_email("changed")
+    return f"{current or ''} changed"
+
+
+@pytest.mark.parametrize("field", sorted(UserUpdate.model_fields))
+async def test_every_writable_field_records_an_event(admin_app: AdminApp, field: str) -> None:
+    """Each field an admin may change, changed on its own (to another value and back), leaves an
+    event naming it: events come from a field -> event table, not from a list someone must
+    remember to extend (``email_verified`` set back to false used to record nothing)."""
+    app, client, admin = admin_app
+    user, _ = await with_tokens(client, full_name="Someone")
+    original = user[field]
+    for value in (_another_value(field, original), original):
+        before = await event_types(app, user["id"])
+        url = f"{API}/users/{user['id']}"
+        response = await client.patch(url, json={field: value}, headers=admin)
+        assert response.status_code == 200, response.text
+        new = (await outbox(app, user["id"]))[len(before) :]
+        changes = [row for row in new if field in row.payload.get("changes", [])]
+        assert changes, (field, value, [row.type for row in new])
+        assert str(event_for(field, value)) in {row.type for row in changes}

@@ -68,6 +68,7 @@ def build_security(app: FastAPI, settings: Settings, connections: Connections) -
             ttl_seconds=settings.CACHE_TTL_SECONDS,
             timeout=settings.HEALTH_CHECK_TIMEOUT,
             on_write_failure=bypass_redis,
+            max_age_seconds=settings.AUTH_CACHE_MAX_AGE_SECONDS,
         ),
         sealer=load_sealer(settings),
     )

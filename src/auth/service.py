@@ -334,8 +334,10 @@ async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal
         audit.info("token refused: reason=%s", exc)
         raise NotAuthenticated("The access token is invalid or expired.") from None
 
-    user, state = await sec.cache.get_auth(user_id, session_id)
-    if user is None or state is None:
+    cached = await sec.cache.get_auth(user_id, session_id)
+    if cached is not None:
+        user, state = cached
+    else:
         user_row = await repository.get_user(db, user_id)
         session_row = await repository.get_session(db, session_id)
         if user_row is None or session_row is None or session_row.user_id != user_id:
@@ -345,6 +347,7 @@ async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal
             user_id=user_id,
             expires_at=session_row.expires_at,
             revoked=session_row.revoked_at is not None,
+            checked_at=utcnow(),
         )
         await sec.cache.store(user, session_id, state)
     if state.revoked or state.expires_at <= utcnow() or state.user_id != user_id:

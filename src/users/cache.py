@@ -1,8 +1,15 @@
 """Redis cache of what every authenticated request needs: the user and its session's state.
 
-Redis only accelerates. A miss, an error or Redis being down all mean "ask the database". An
-invalidation that fails is dangerous (a stale "active" entry could outlive a deactivation), so a
-failed write marks Redis unavailable; the supervisor empties this cache before using Redis again.
+Redis only accelerates. A miss, an error of any kind (a reset connection surfaces as a
+RuntimeError from the event loop's transport), an entry that no longer validates, or Redis being
+down all mean "ask the database". An invalidation that fails is dangerous (a stale "active" entry
+could outlive a deactivation), so a failed write marks Redis unavailable here, and the supervisor
+empties this cache before using Redis again. Other instances still read their copy of Redis,
+though; so no cached answer is believed for longer than ``AUTH_CACHE_MAX_AGE_SECONDS`` after the
+database gave it: that bounds how late any instance honours a logout, whatever Redis did.
+
+Keys carry a schema version: entries written by another version of the service are never read
+(they expire by themselves), so a deploy that changes what is cached needs no flush.
 """
 
 from __future__ import annotations
@@ -11,31 +18,38 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from src.db.types import utcnow
 from src.users.schemas import UserPublic
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "ums:cache:"
+# Bump when UserPublic or SessionState change shape.
+SCHEMA_VERSION = 2
 
 
 class SessionState(BaseModel):
     user_id: uuid.UUID
     expires_at: datetime
     revoked: bool
+    # When the database said so (the user and the session were read together then).
+    checked_at: datetime
 
 
-def _user_key(user_id: uuid.UUID) -> str:
-    return f"{PREFIX}user:{user_id}"
+def user_key(user_id: uuid.UUID) -> str:
+    return f"{PREFIX}v{SCHEMA_VERSION}:user:{user_id}"
 
 
-def _session_key(session_id: uuid.UUID) -> str:
-    return f"{PREFIX}session:{session_id}"
+def session_key(session_id: uuid.UUID) -> str:
+    return f"{PREFIX}v{SCHEMA_VERSION}:session:{session_id}"
 
 
 class UserCache:
@@ -45,28 +59,38 @@ class UserCache:
         ttl_seconds: int,
         timeout: float,
         on_write_failure: Callable[[], None],
+        max_age_seconds: float = 1.0,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._redis = redis
         self._ttl = ttl_seconds
         self._timeout = timeout
         self._on_write_failure = on_write_failure
+        self._max_age = timedelta(seconds=max_age_seconds)
+        self._clock = clock
 
     async def get_auth(
         self, user_id: uuid.UUID, session_id: uuid.UUID
-    ) -> tuple[UserPublic | None, SessionState | None]:
+    ) -> tuple[UserPublic, SessionState] | None:
+        """The cached user and session state, or ``None``: ask the database (and ``store``)."""
         client = self._redis()
         if client is None:
-            return None, None
+            return None
         try:
             async with asyncio.timeout(self._timeout):
                 user_raw, session_raw = await client.mget(
-                    _user_key(user_id), _session_key(session_id)
+                    user_key(user_id), session_key(session_id)
                 )
-        except (RedisError, TimeoutError, OSError):
-            return None, None
-        user = UserPublic.model_validate_json(user_raw) if user_raw else None
-        session = SessionState.model_validate_json(session_raw) if session_raw else None
-        return user, session
+            if not user_raw or not session_raw:
+                return None
+            user = UserPublic.model_validate_json(user_raw)
+            state = SessionState.model_validate_json(session_raw)
+        except Exception:
+            logger.debug("cache read failed", exc_info=True)
+            return None
+        if self._clock() - state.checked_at > self._max_age:
+            return None  # too old to believe: another instance may have failed to drop it
+        return user, state
 
     async def store(
         self,
@@ -82,24 +106,24 @@ class UserCache:
             async with asyncio.timeout(self._timeout):
                 async with client.pipeline(transaction=False) as pipe:
                     if user is not None:
-                        pipe.set(_user_key(user.id), user.model_dump_json(), ex=self._ttl)
+                        pipe.set(user_key(user.id), user.model_dump_json(), ex=self._ttl)
                     if session_id is not None and state is not None:
-                        pipe.set(_session_key(session_id), state.model_dump_json(), ex=self._ttl)
+                        pipe.set(session_key(session_id), state.model_dump_json(), ex=self._ttl)
                     await pipe.execute()
-        except (RedisError, TimeoutError, OSError):
+        except Exception:
             logger.debug("cache fill failed", exc_info=True)
 
     async def invalidate(
         self, user_ids: Iterable[uuid.UUID] = (), session_ids: Iterable[uuid.UUID] = ()
     ) -> None:
-        keys = [_user_key(u) for u in user_ids] + [_session_key(s) for s in session_ids]
+        keys = [user_key(u) for u in user_ids] + [session_key(s) for s in session_ids]
         client = self._redis()
         if not keys or client is None:
             return
         try:
             async with asyncio.timeout(self._timeout):
                 await client.delete(*keys)
-        except (RedisError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure leaves a possibly stale entry behind
             logger.warning(
                 "cache invalidation failed (%s); bypassing Redis until it is emptied",
                 type(exc).__name__,

@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from src.app.container import app_services
 from src.config.settings import Settings
 from src.services.connections import connections_of
+from src.users.cache import session_key
 from tests.auth.conftest import App
 from tests.auth_support import (
     API,
@@ -302,7 +303,7 @@ async def test_logout_takes_effect_at_once_with_the_cache_warm(
     sid = session_of(tokens)
     assert (await client.get(ME_URL, headers=bearer(tokens))).status_code == 200
     # The session's "active" state is now cached: logout must not be undone by it.
-    assert await redis_client.exists(f"ums:cache:session:{sid}")
+    assert await redis_client.exists(session_key(uuid.UUID(sid)))
 
     assert (await client.post(f"{API}/auth/logout", headers=bearer(tokens))).status_code == 204
     assert_unauthenticated(await client.get(ME_URL, headers=bearer(tokens)))

@@ -182,6 +182,10 @@ class Settings(BaseSettings):
 
     # --- caching and requests ------------------------------------------------------------------
     CACHE_TTL_SECONDS: int = Field(default=300, ge=1, le=86400)
+    # How long a cached "this session is active" may be believed before the database is asked
+    # again: the bound on how late another instance honours a logout, a password change or a
+    # deactivation when this instance could not reach Redis to drop its copy.
+    AUTH_CACHE_MAX_AGE_SECONDS: float = Field(default=1.0, gt=0, le=300)
     MAX_REQUEST_BODY_BYTES: int = Field(default=65536, ge=1024)
     # All request headers together (names and values); more gets 431 before any work.
     MAX_REQUEST_HEADER_BYTES: int = Field(default=16384, ge=1024, le=1_048_576)
