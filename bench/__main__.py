@@ -10,7 +10,8 @@ figures are the application's own overhead.
   same parameters and the same number of threads;
 - JWT: signing with the key object loaded once against re-parsing PEM text each time;
 - the account oracle (``bench/oracle.py``): password-reset requests for a known and an unknown
-  address, timed with ``wrk`` against a real uvicorn process.
+  address, timed with ``wrk`` against a real uvicorn process;
+- start-up (``bench/startup.py``): launch to the first 200, with Redis and Kafka absent or silent.
 
 Uses SQLite in a temporary folder and runs with Redis and Kafka as configured by the environment
 (``REDIS_ENABLED=false KAFKA_ENABLED=false`` to leave them out).
@@ -35,7 +36,7 @@ from asgi_lifespan import LifespanManager
 from cryptography.hazmat.primitives import serialization
 from fastapi import FastAPI
 
-from bench import oracle
+from bench import oracle, startup
 from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.session import upgrade_database
@@ -180,6 +181,7 @@ async def main() -> None:
     print(f"ms per token sign, PEM text          {pem_ms:8.3f}  {pem_ms / loaded_ms:.0f}x slower")
 
     await asyncio.to_thread(oracle.run)
+    await asyncio.to_thread(startup.run)
 
 
 if __name__ == "__main__":

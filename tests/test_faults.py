@@ -7,7 +7,6 @@ proof that the redis-py pool and the aiokafka producer recover after a restart.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 
 import httpx
@@ -17,7 +16,13 @@ from fastapi import FastAPI
 from src.services.connections import connections_of, get_kafka_from_app, get_redis_from_app
 from src.services.kafka import KafkaUnavailableError
 from tests.conftest import SettingsFactory
-from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
+from tests.helpers import (
+    OPERATOR,
+    assert_no_leftover_tasks,
+    bounded_app,
+    eventually,
+    running_app,
+)
 from tests.servers import KafkaBroker, RedisServer
 
 HEALTH = "/api/v1/health"
@@ -130,7 +135,9 @@ async def test_shut_down_with_the_broker_gone_and_a_message_unsent_is_bounded(
     """aiokafka's ``stop()`` flushes pending batches; with the broker gone it must not hang."""
     settings = make_settings(KAFKA_BOOTSTRAP_SERVERS=kafka_process.bootstrap)
     before = asyncio.all_tasks()
-    async with running_app(settings) as (app, client):
+    # Shut-down is bounded by the producer's stop bound (2 x KAFKA_CONNECT_TIMEOUT), not by
+    # Kafka's 40 s: bounded_app fails the test if it hangs.
+    async with bounded_app(settings) as (app, client):
         await _wait_for(client, app, "kafka", up=True)
         kafka = connections_of(app).kafka
         assert kafka is not None
@@ -138,11 +145,6 @@ async def test_shut_down_with_the_broker_gone_and_a_message_unsent_is_bounded(
         await asyncio.to_thread(kafka_process.kill)
         with pytest.raises(KafkaUnavailableError):
             await kafka.send("faults-unsent", {"n": 2}, key="k", timeout=0.5)
-        started = time.perf_counter()
-    elapsed = time.perf_counter() - started
-    print(f"shut-down with an unsent message and no broker: {elapsed:.2f}s")
-    # Bounded by the producer's stop bound (2 x KAFKA_CONNECT_TIMEOUT), not by Kafka's 40 s.
-    assert elapsed < 2 * settings.KAFKA_CONNECT_TIMEOUT + 2.0, elapsed
     # Cutting stop() short must not leave its sender retrying for the life of the process.
     await assert_no_leftover_tasks(before)
 

@@ -28,7 +28,14 @@ from src.config.events import StartupError
 from src.config.settings import Settings
 from src.services.connections import connections_of, get_kafka_from_app, get_redis_from_app
 from tests.conftest import SettingsFactory
-from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
+from tests.helpers import (
+    BOUND,
+    OPERATOR,
+    assert_no_leftover_tasks,
+    bounded_app,
+    eventually,
+    running_app,
+)
 from tests.servers import KafkaBroker, RedisServer, SilentServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,26 +48,6 @@ def _warnings(caplog: pytest.LogCaptureFixture, word: str) -> list[str]:
         for r in caplog.records
         if r.name.startswith("src") and r.levelno == logging.WARNING and word in r.getMessage()
     ]
-
-
-class _Started:
-    """``running_app`` entered by hand, so a test can time start-up and shut-down separately."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._cm = running_app(settings)
-        self.startup_seconds = 0.0
-        self.shutdown_seconds = 0.0
-
-    async def __aenter__(self) -> tuple[FastAPI, httpx.AsyncClient]:
-        started = time.perf_counter()
-        app, client = await self._cm.__aenter__()
-        self.startup_seconds = time.perf_counter() - started
-        return app, client
-
-    async def __aexit__(self, *exc: object) -> None:
-        started = time.perf_counter()
-        await self._cm.__aexit__(*exc)  # type: ignore[arg-type]
-        self.shutdown_seconds = time.perf_counter() - started
 
 
 async def _health(client: httpx.AsyncClient) -> dict[str, object]:
@@ -91,9 +78,7 @@ async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
     )
     caplog.set_level(logging.INFO)
     before = asyncio.all_tasks()
-    started = _Started(settings)
-    async with started as (app, client):
-        assert started.startup_seconds < 2.0, started.startup_seconds
+    async with bounded_app(settings) as (app, client):
         assert (
             connections_of(app).redis_available is False
             and connections_of(app).kafka_available is False
@@ -115,7 +100,8 @@ async def test_starts_fast_and_degraded_when_redis_and_kafka_are_absent(
         assert ready.status_code == 200 and ready.json() == {"status": "ready"}
         assert (await client.get(f"{HEALTH}/live")).status_code == 200
 
-        # Several supervisor rounds fail meanwhile: a long outage is still one warning each.
+        # Several supervisor rounds fail meanwhile (however many a loaded machine manages, the
+        # count below holds): a long outage is still one warning each.
         await asyncio.sleep(1.0)
         assert len(_warnings(caplog, "Redis")) == 1, _warnings(caplog, "Redis")
         assert len(_warnings(caplog, "Kafka")) == 1, _warnings(caplog, "Kafka")
@@ -140,18 +126,15 @@ async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
         for name in ("REDIS_CONNECT_TIMEOUT", "REDIS_SOCKET_TIMEOUT", "KAFKA_CONNECT_TIMEOUT"):
             assert getattr(settings, name) == defaults[name].default, name
         before = asyncio.all_tasks()
-        started = _Started(settings)
-        async with started as (app, client):
-            print(f"start-up against silent hosts: {started.startup_seconds:.2f}s")
-            assert started.startup_seconds < 2.5, started.startup_seconds
+        async with bounded_app(settings) as (app, client):
             assert (
                 connections_of(app).redis_available is False
                 and connections_of(app).kafka_available is False
             )
-            asked = time.perf_counter()
-            body = await _health(client)
-            # Each live check is cut off at HEALTH_CHECK_TIMEOUT (< 1 s); they run concurrently.
-            assert time.perf_counter() - asked < 2.0
+            # Each live check is cut off at HEALTH_CHECK_TIMEOUT (< 1 s); redis-py's own timeouts
+            # and retries against a silent host would take 16 s or more.
+            async with asyncio.timeout(10):
+                body = await _health(client)
             assert body["status"] == "degraded"
             statuses = _check_statuses(body)
             assert statuses == {
@@ -160,10 +143,9 @@ async def test_silent_hosts_do_not_stall_start_up_or_shut_down(
                 "kafka": "unhealthy",
                 "mail": "disabled",
             }
-            # Give the supervisor time to be mid-attempt against the silent hosts at shut-down.
+            # Let the supervisor be mid-attempt against the silent hosts at shut-down (any
+            # moment will do: shut-down must end within its bound whatever they are doing).
             await asyncio.sleep(0.7)
-        print(f"shut-down against silent hosts: {started.shutdown_seconds:.2f}s")
-        assert started.shutdown_seconds < 5.0, started.shutdown_seconds
         await assert_no_leftover_tasks(before)
     finally:
         redis_host.close()
@@ -261,16 +243,14 @@ def _startup_error(exc: BaseException) -> StartupError | None:
 
 
 async def _expect_startup_failure(settings: Settings, bound: float) -> StartupError:
+    """Start-up fails with a StartupError, within ``bound`` (a hang would fail the test)."""
     before = asyncio.all_tasks()
-    started = time.perf_counter()
     try:
-        async with running_app(settings):
+        async with asyncio.timeout(bound), running_app(settings):
             pass
     except BaseException as exc:  # noqa: BLE001 - inspected below
-        elapsed = time.perf_counter() - started
         error = _startup_error(exc)
         assert error is not None, repr(exc)
-        assert elapsed < bound, elapsed
         # A failed start-up closes whatever it had opened.
         await assert_no_leftover_tasks(before)
         return error
@@ -282,7 +262,7 @@ async def test_unreachable_database_fails_start_up_quickly(
 ) -> None:
     password = f"pw-{uuid.uuid4().hex}"
     url = f"postgresql+asyncpg://ums:{password}@127.0.0.1:{free_port()}/ums"
-    error = await _expect_startup_failure(make_settings(DATABASE_URL=url), bound=5.0)
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=url), bound=BOUND)
     assert "database unreachable" in str(error) and "ConnectionRefusedError" in str(error)
     # The message names where it looked (to be fixable) but never the password.
     assert "127.0.0.1" in str(error)
@@ -296,7 +276,7 @@ async def test_silent_database_fails_start_up_within_its_timeout(
     try:
         url = f"postgresql+asyncpg://ums:pw@127.0.0.1:{silent.port}/ums"
         settings = make_settings(DATABASE_URL=url, DATABASE_CONNECT_TIMEOUT=0.5)
-        error = await _expect_startup_failure(settings, bound=5.0)
+        error = await _expect_startup_failure(settings, bound=BOUND)
         assert "database unreachable" in str(error) and "timed out" in str(error)
     finally:
         silent.close()
@@ -306,7 +286,7 @@ async def test_unmigrated_sqlite_database_fails_start_up(
     make_settings: SettingsFactory, tmp_path: Path
 ) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-    error = await _expect_startup_failure(make_settings(DATABASE_URL=url), bound=5.0)
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=url), bound=BOUND)
     assert "not migrated" in str(error)
 
 
@@ -329,7 +309,7 @@ async def empty_postgres_url(database_url: str) -> AsyncIterator[str]:
 async def test_unmigrated_postgres_database_fails_start_up(
     make_settings: SettingsFactory, empty_postgres_url: str
 ) -> None:
-    error = await _expect_startup_failure(make_settings(DATABASE_URL=empty_postgres_url), 5.0)
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=empty_postgres_url), BOUND)
     assert "not migrated" in str(error)
     assert "alembic upgrade head" in str(error)
 
@@ -365,22 +345,22 @@ def _migrate(env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _wait_for_live(port: int, process: subprocess.Popen[bytes], timeout: float) -> float:
-    """Seconds from now until ``/health/live`` answers 200."""
-    started = time.perf_counter()
+def _wait_for_live(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    """Poll until ``/health/live`` answers 200 (how soon is measured by ``make bench``)."""
+    deadline = time.monotonic() + timeout
     url = f"http://127.0.0.1:{port}{HEALTH}/live"
-    while time.perf_counter() - started < timeout:
+    while time.monotonic() < deadline:
         assert process.poll() is None, f"the service exited with {process.returncode}"
         try:
             if httpx.get(url, timeout=0.5).status_code == 200:
-                return time.perf_counter() - started
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.02)
     raise AssertionError(f"/health/live did not answer within {timeout}s")
 
 
-def test_process_serves_quickly_without_redis_and_kafka_and_stops_on_sigterm(
+def test_process_serves_without_redis_and_kafka_and_stops_on_sigterm(
     tmp_path: Path,
 ) -> None:
     env = _clean_env(tmp_path)
@@ -389,7 +369,6 @@ def test_process_serves_quickly_without_redis_and_kafka_and_stops_on_sigterm(
     log_path = tmp_path / "service.log"
     # Run from a scratch directory so a developer's .env cannot change the defaults under test.
     with log_path.open("wb") as log:
-        launched = time.perf_counter()
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "src.main:app", "--port", str(port)],
             cwd=tmp_path,
@@ -398,10 +377,7 @@ def test_process_serves_quickly_without_redis_and_kafka_and_stops_on_sigterm(
             stderr=subprocess.STDOUT,
         )
         try:
-            _wait_for_live(port, process, timeout=10)
-            serving = time.perf_counter() - launched
-            print(f"launch to first 200 from /health/live: {serving:.2f}s")
-            assert serving < 4.0, f"{serving:.2f}s\n{log_path.read_text()}"
+            _wait_for_live(port, process, timeout=60)
             body = httpx.get(f"http://127.0.0.1:{port}{HEALTH}", timeout=5).json()
             assert body["status"] == "degraded", body
 
@@ -422,7 +398,6 @@ def test_process_serves_quickly_without_redis_and_kafka_and_stops_on_sigterm(
 
 def test_invalid_setting_stops_the_process_with_one_line_naming_it(tmp_path: Path) -> None:
     env = _clean_env(tmp_path, REDIS_PORT="abc")
-    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "uvicorn", "src.main:app", "--port", str(free_port())],
         cwd=tmp_path,
@@ -431,10 +406,7 @@ def test_invalid_setting_stops_the_process_with_one_line_naming_it(tmp_path: Pat
         text=True,
         timeout=30,
     )
-    elapsed = time.perf_counter() - started
-    print(f"invalid setting: exit {result.returncode} after {elapsed:.2f}s")
     assert result.returncode != 0
-    assert elapsed < 10, elapsed
     lines = [line for line in result.stderr.splitlines() if "REDIS_PORT" in line]
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
