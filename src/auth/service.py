@@ -209,7 +209,8 @@ async def _notice_new_address(
             "user_id": user.id,
             "email": user.email,
             "ip": client.ip,
-            "user_agent": client.user_agent,
+            # As much as a session keeps: the header is the client's text, up to 16 KB of it.
+            "user_agent": (client.user_agent or "")[:512] or None,
             "time": utcnow(),
         },
     )

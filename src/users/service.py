@@ -288,7 +288,11 @@ async def update_user(
     meta = {"actor_id": actor_id, "changes": sorted(changes)}
     recorded = {event_for(field, value) for field, value in changes.items()}
     for event_type in (e for e in EVENT_ORDER if e in recorded):
-        extra = {"previous_role": before["role"]} if event_type is EventType.ROLE_CHANGED else {}
+        extra: dict[str, Any] = {}
+        if event_type is EventType.ROLE_CHANGED:
+            extra["previous_role"] = before["role"]
+        if event_type is EventType.UPDATED and "email" in changes:
+            extra["previous_email"] = before["email"]
         record_event(db, sec.settings, event_type, user.id, {**after, **meta, **extra})
     if "email" in changes and not user.email_verified:
         await record_verification_request(db, sec, user)
