@@ -8,6 +8,10 @@ What a consumer of ``user-events`` needs to know:
   (``user.registered``, ``user.updated``, ...), ``subject`` (the user id), ``time`` and ``data``
   (the user's public fields; never a password, hash or token). The message key is the user id,
   so one user's events arrive in the order they happened.
+- Messages follow the CloudEvents Kafka binding in structured mode: the value is the whole event,
+  the ``content-type`` header is ``application/cloudevents+json``, and there are no ``ce_*``
+  headers. Plain ``json`` reads them, as here; so does a CloudEvents SDK (in Python,
+  ``cloudevents.core.bindings.kafka.from_kafka``).
 - Use a consumer group of your own (``--group-id``): each group gets every event once more.
 - Delivery is at least once: after a broker failover or a retry the same event can arrive twice.
   Deduplicate by the CloudEvents ``id``. This example remembers the last ``--remember`` ids in

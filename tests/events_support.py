@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from tests.helpers import eventually
@@ -39,6 +39,12 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+    @classmethod
+    def of(cls, partition: int, message: ConsumerRecord[bytes, bytes]) -> Record:
+        assert message.value is not None
+        return cls(partition, message.offset, message.key, message.value, tuple(message.headers))
 
     @property
     def event(self) -> dict[str, Any]:
@@ -100,7 +106,7 @@ async def read_topic(bootstrap: str, topic: str, timeout: float = 10.0) -> list[
             while assigned and asyncio.get_running_loop().time() - quiet_since < _QUIET:
                 batches = await consumer.getmany(*assigned, timeout_ms=100)
                 for tp, messages in batches.items():
-                    records.extend(Record(tp.partition, m.offset, m.key, m.value) for m in messages)
+                    records.extend(Record.of(tp.partition, m) for m in messages)
                 if batches:
                     quiet_since = asyncio.get_running_loop().time()
     finally:
@@ -151,9 +157,7 @@ class TopicRecorder:
         while True:
             batches = await consumer.getmany(timeout_ms=50)
             for tp, messages in batches.items():
-                self.records.extend(
-                    Record(tp.partition, m.offset, m.key, m.value) for m in messages
-                )
+                self.records.extend(Record.of(tp.partition, m) for m in messages)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[TopicRecorder]:
@@ -238,6 +242,49 @@ async def audit_counts(database_url: str, user_ids: Iterable[str]) -> dict[str, 
         [uuid.UUID(u) for u in user_ids],
     )
     return {str(r["event_id"]): r["n"] for r in rows}
+
+
+class OutboxLockWatch:
+    """Samples, from a connection of its own, how long the oldest transaction holding outbox row
+    locks (``SELECT ... FOR UPDATE``: a ``RowShareLock`` on the table) has been open.
+
+    Only the relay takes those locks while Kafka is on, so this is the relay's hold time as the
+    database sees it, independent of the relay's own timer. A sample every ``interval`` seconds:
+    a hold shorter than that may be missed, a longer one is seen to within ``interval``.
+    """
+
+    _QUERY = """
+        SELECT coalesce(extract(epoch FROM max(clock_timestamp() - a.xact_start)), 0)::float
+        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.relation = 'outbox'::regclass AND l.mode = 'RowShareLock' AND l.granted
+    """
+
+    def __init__(self, database_url: str, interval: float = 0.01) -> None:
+        self.database_url = database_url
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []  # (loop time, age of the oldest holder)
+
+    def longest(self, since: float = 0.0, until: float = float("inf")) -> float:
+        return max((age for at, age in self.samples if since <= at <= until), default=0.0)
+
+    async def _run(self, conn: asyncpg.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            age = await conn.fetchval(self._QUERY)
+            self.samples.append((loop.time(), float(age)))
+            await asyncio.sleep(self.interval)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[OutboxLockWatch]:
+        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        task = asyncio.create_task(self._run(conn))
+        try:
+            yield self
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await conn.close()
 
 
 # --- a broker that can crash and come back with its topics ----------------------------------------

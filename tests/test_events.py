@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 import pytest
+from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka
+from cloudevents.core.formats.json import JSONFormat
 from fastapi import FastAPI
 from sqlalchemy import select
 
@@ -305,6 +307,49 @@ def _keys(value: Any) -> set[str]:
     return set()
 
 
+# --- the CloudEvents Kafka binding: structured mode, as the official SDK reads it -----------------
+
+
+async def test_the_cloudevents_sdk_reads_what_the_relay_publishes(
+    make_settings: SettingsFactory, kafka_process: KafkaBroker
+) -> None:
+    bootstrap = kafka_process.bootstrap
+    settings = _settings(make_settings, bootstrap)
+    async with running_app(settings) as (app, client):
+        user = await register(client)
+        rows = await eventually(lambda: _published_rows(app, user["id"]))
+        records = [
+            record
+            for topic in (USER_EVENTS, NOTIFICATIONS)
+            for record in await wait_for_records(
+                bootstrap, topic, lambda recs: user["id"] in {r.event["subject"] for r in recs}
+            )
+            if record.event["subject"] == user["id"]
+        ]
+    by_id = {str(row.id): row for row in rows}
+    assert {r.event_id for r in records} == set(by_id)  # registered, verification_requested
+    for record in records:
+        # Structured content mode: one content-type header, no ce_ header that would make a
+        # reader switch to binary mode and look for the attributes there.
+        assert record.headers == (("content-type", b"application/cloudevents+json"),)
+        message = KafkaMessage(headers=dict(record.headers), key=record.key, value=record.value)
+        event = from_kafka(message, JSONFormat())
+        row = by_id[event.get_id()]
+        assert event.get_specversion() == "1.0"
+        assert event.get_type() == row.type
+        assert event.get_source() == settings.EVENT_SOURCE
+        assert event.get_subject() == user["id"] == str(row.aggregate_id)
+        assert event.get_time() == row.created_at
+        assert event.get_datacontenttype() == "application/json"
+        data = event.get_data()
+        assert isinstance(data, dict)
+        if row.topic == NOTIFICATIONS:
+            assert data.pop("sealed")  # the link travels sealed, added on the way out
+        assert data == row.payload
+        # The SDK reports the message key (the user id) as the partitionkey extension.
+        assert event.get_extension("partitionkey") == user["id"]
+
+
 # --- 8. /health/kafka tells how far behind the outbox is -----------------------------------------
 
 
@@ -352,3 +397,34 @@ async def test_kafka_health_reports_the_backlog_and_the_relay_error(
         assert status == 503
         assert body["error"].startswith("outbox backlog"), body["error"]
         assert body["details"]["outbox"]["pending"] >= 1
+
+
+# --- the relay does not wait out its own poll once the broker is back -----------------------------
+
+
+async def test_the_relay_publishes_as_soon_as_the_broker_returns(
+    make_settings: SettingsFactory, kafka_process: KafkaBroker, clean_db: None, database_url: str
+) -> None:
+    """The supervisor wakes the relay when Kafka comes back. Its own poll here is 300 s, longer
+    than the test may take: only that wake-up can get the event out in time."""
+    await asyncio.to_thread(kafka_process.stop)
+    settings = _settings(make_settings, kafka_process.bootstrap, OUTBOX_POLL_INTERVAL=300)
+    async with running_app(settings) as (app, client):
+        services = app_services(app)
+        user = await register(client)
+        relay = services.relay
+        assert relay is not None
+        # The commit's wake-up has been used: the relay found Kafka unavailable and now waits.
+        await eventually(lambda: not services.outbox_signal.is_set() and relay.last_error)
+        assert "unavailable" in (relay.last_error or "")
+        rows = await outbox_rows(database_url, [user["id"]])
+        assert rows and all(row.published_at is None for row in rows)
+
+        await asyncio.to_thread(kafka_process.start)
+
+        async def published() -> bool:
+            current = await outbox_rows(database_url, [user["id"]])
+            return all(row.published_at is not None for row in current)
+
+        await eventually(published, timeout=60, interval=0.2)
+        assert relay.last_error is None

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
@@ -107,6 +108,12 @@ async def check_kafka_health(app: FastAPI) -> CheckResult:
     if details is None:
         return result
     result.details = details
+    relay = details.get("relay")
+    if result.status is CheckStatus.HEALTHY and relay and relay["waiting"]:
+        # The broker answers, but the relay has not published since it last failed: events are
+        # late until it has. Say so rather than "healthy" (it clears with the next batch).
+        result.status = CheckStatus.UNHEALTHY
+        result.error = f"relay waiting to publish again after: {relay['last_error']}"
     age = details["outbox"]["oldest_age_seconds"]
     if result.status is not CheckStatus.DISABLED and age > settings.OUTBOX_LAG_THRESHOLD_SECONDS:
         # Said even when the broker's own error already made the check unhealthy: how long
@@ -132,9 +139,18 @@ async def _outbox_details(app: FastAPI, timeout: float) -> dict[str, Any] | None
     if relay is not None:
         details["relay"] = {
             "published_total": relay.published_total,
+            # Events wait and the relay's last attempt failed: it is backing off.
+            "waiting": pending > 0 and relay.last_error is not None,
             "last_error": relay.last_error,
+            "last_error_at": _iso(relay.last_error_at),
+            "last_published_at": _iso(relay.last_published_at),
+            "lock_hold_max_ms": round(relay.lock_hold_max * 1000, 1),
         }
     return details
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat() if timestamp is not None else None
 
 
 SMTP_PROBE_REUSE_SECONDS = 10.0

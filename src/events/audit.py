@@ -4,9 +4,15 @@ Delivery from Kafka is at least once, so rows are keyed by the CloudEvents ``id`
 is ignored. Offsets are committed only after the rows are committed to the database: a crash
 between the two means the batch is read again, and the unique key absorbs it.
 
-It reads from the earliest offset when its group has none committed (whatever
-``KAFKA_AUTO_OFFSET_RESET`` says for other consumers), because an audit log that starts at
-"latest" silently misses everything published before its first start.
+Its consumer overrides two of the specification's consumer settings, which stay the defaults of
+every other consumer made through ``KafkaManager.create_consumer``:
+
+- ``auto_offset_reset="earliest"`` whatever ``KAFKA_AUTO_OFFSET_RESET`` says: when its group has
+  no committed offset (first start, or offsets expired) it reads from the start, because an audit
+  log that starts at "latest" silently misses everything published before.
+- ``enable_auto_commit=False`` whatever ``KAFKA_ENABLE_AUTO_COMMIT`` says: auto-commit commits
+  what was fetched on a timer, so a crash after a commit and before the rows are stored would
+  lose those events for good; offsets are committed by hand, after the rows.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ class AuditConsumer:
             if manager is None:
                 await asyncio.sleep(self.settings.SUPERVISOR_INTERVAL)
                 continue
+            # Never the configured defaults here: see the module docstring.
             consumer = manager.create_consumer(
                 self.settings.KAFKA_USER_EVENTS_TOPIC,
                 enable_auto_commit=False,

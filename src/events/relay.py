@@ -6,6 +6,23 @@ earliest unpublished ones: a second relay can never overtake it and break per-us
 is marked published only after the broker acknowledged every message in it; if anything fails the
 whole batch stays pending and is sent again later (consumers dedupe by event id).
 
+How long rows stay locked: the row locks *are* the claim, so the transaction stays open until the
+broker has acknowledged the batch. That wait is bounded by ``KAFKA_CONNECT_TIMEOUT`` (1.5 s by
+default), not by the producer's ``KAFKA_REQUEST_TIMEOUT_MS`` (40 s): a stalled broker holds the
+locks and one pooled connection that long at most, then the batch is rolled back and retried. A
+healthy broker acknowledges a batch in tens of milliseconds. Claiming with a committed lease
+column instead (claim, commit, send, mark) would hold nothing during the send, but needs a schema
+change, and its lease must still outlast every send, or a second relay could publish the same rows
+at the same time: it would need the same bound. ``lock_hold_last``/``lock_hold_max`` report the
+hold times.
+
+Duplicates: a batch whose send timed out may still reach the broker (it was on the wire when the
+broker stalled), and it is sent again. That is at most one batch per timed-out send. When nothing
+answers, the relay times out once: the producer restart that follows cannot connect, so nothing
+more is sent until the broker is back. The restart does not flush: unsent messages are failed
+rather than delivered late. The resend starts again from each user's earliest unpublished event,
+so the first copies stay in order.
+
 Run inside the service (a background task) or on its own: ``python -m src.events.relay``.
 """
 
@@ -41,6 +58,11 @@ logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_SECONDS = 600
 _UNAVAILABLE = KafkaUnavailableError("Kafka is unavailable; events wait in the outbox")
+# Structured content mode of the CloudEvents Kafka binding: the whole event is the JSON value, and
+# this header says so. No ``ce_*`` headers: a reader that sees one (the CloudEvents SDKs'
+# ``from_kafka``) switches to binary mode and looks for every attribute in the headers.
+CLOUDEVENTS_JSON = "application/cloudevents+json"
+_STRUCTURED_MODE = (("content-type", CLOUDEVENTS_JSON.encode()),)
 
 
 class OutboxRelay:
@@ -60,6 +82,9 @@ class OutboxRelay:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.last_published_at: float | None = None
+        # Seconds from claiming a batch (row locks, a pooled connection) to commit or rollback.
+        self.lock_hold_last: float | None = None
+        self.lock_hold_max = 0.0
         self._last_prune = 0.0
 
     # --- the loop -----------------------------------------------------------------------------
@@ -101,6 +126,16 @@ class OutboxRelay:
             self.last_error = None
 
     # --- one batch ----------------------------------------------------------------------------
+    @property
+    def send_timeout(self) -> float:
+        """How long a batch may wait for the broker's acknowledgements while its rows are locked."""
+        return self.settings.KAFKA_CONNECT_TIMEOUT
+
+    def _released(self, claimed_at: float) -> None:
+        held = time.monotonic() - claimed_at
+        self.lock_hold_last = held
+        self.lock_hold_max = max(self.lock_hold_max, held)
+
     async def publish_once(self) -> int:
         """Publish one batch; return how many rows were published (0 when idle or Kafka is down)."""
         manager = self.kafka()
@@ -111,6 +146,7 @@ class OutboxRelay:
             self._failed(_UNAVAILABLE, log=False)
             return 0
         async with self.sessionmaker() as db:
+            claimed_at = time.monotonic()
             rows = await self._claim(db)
             if not rows:
                 await db.rollback()
@@ -119,12 +155,16 @@ class OutboxRelay:
             messages = [self._message(row) for row in rows]
             positions = [row.position for row in rows]
             try:
-                await manager.send_batch(messages, self.settings.KAFKA_REQUEST_TIMEOUT_MS / 1000)
+                await manager.send_batch(messages, self.send_timeout)
             except Exception as exc:
+                # Locks first: the restart below takes seconds with a lost broker.
                 await db.rollback()
+                self._released(claimed_at)
                 await self._record_attempt(positions, exc)
                 if isinstance(exc, KafkaSendTimeout):
                     # A producer stuck on a lost broker never recovers by itself; start afresh.
+                    # Its unsent messages are failed, so they cannot follow a later resend; one
+                    # already on the wire may still arrive: a duplicate, never a reordering.
                     await self._restart_producer(manager)
                 raise
             await db.execute(
@@ -141,6 +181,7 @@ class OutboxRelay:
                 execution_options={"synchronize_session": False},
             )
             await db.commit()
+            self._released(claimed_at)
         self.published_total += len(rows)
         self.last_published_at = time.time()
         self._recovered()
@@ -197,8 +238,7 @@ class OutboxRelay:
             topic=row.topic,
             key=str(row.aggregate_id),
             value=self.serializer.serialize(envelope),
-            # Lets consumers route or filter without parsing the body (CloudEvents Kafka binding).
-            headers=(("ce_type", row.type.encode()), ("ce_id", str(row.id).encode())),
+            headers=_STRUCTURED_MODE,
         )
 
     async def _record_attempt(self, positions: list[int], exc: BaseException) -> None:
@@ -215,8 +255,11 @@ class OutboxRelay:
             logger.debug("could not record the failed attempt", exc_info=True)
 
     async def _restart_producer(self, manager: KafkaManager) -> None:
+        # Without flushing: the batch has been given up on, and is failed rather than sent late.
+        # Not cut short here: each step of the restart is bounded, and an interrupted one could
+        # leave the old producer's connection (with the batch on it) open.
         try:
-            await asyncio.wait_for(manager.restart(), self.settings.KAFKA_CONNECT_TIMEOUT * 3)
+            await manager.restart(flush=False)
         except Exception:
             logger.debug("producer restart failed", exc_info=True)
 

@@ -635,6 +635,16 @@ class Courier:
 
     # --- Kafka mode ---------------------------------------------------------------------------
     async def _run_kafka(self) -> None:
+        """Read the notifications topic, reconnecting with backoff.
+
+        The consumer overrides two of the specification's consumer settings (the defaults of
+        ``KafkaManager.create_consumer``): ``auto_offset_reset="earliest"`` whatever
+        ``KAFKA_AUTO_OFFSET_RESET`` says, because a new group starting at "latest" drops every
+        mail asked for before the courier's first start; and ``enable_auto_commit=False``
+        whatever ``KAFKA_ENABLE_AUTO_COMMIT`` says, because auto-commit commits fetched records
+        on a timer, and a crash before one is handled would lose that mail. Each record's offset
+        is committed once it is handled.
+        """
         settings = self.settings
         delay = settings.RECONNECT_BACKOFF_INITIAL
         while True:

@@ -84,9 +84,14 @@ def start_supervisor(
         kafka_manager = manager
 
         async def probe_kafka() -> None:
-            if not kafka_manager.started:
+            restarted = not kafka_manager.started
+            if restarted:
                 await kafka_manager.start()
             await kafka_manager.check_cluster(settings.HEALTH_CHECK_TIMEOUT)
+            if restarted and connections.kafka_available and on_kafka_recovery is not None:
+                # The producer was restarted without Kafka ever being marked down (a short
+                # stall the relay noticed first): the relay is waiting for it, wake it now.
+                on_kafka_recovery()
 
         tasks.append(
             asyncio.create_task(

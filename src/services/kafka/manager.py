@@ -110,9 +110,22 @@ class KafkaManager:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(admin.close(), self.settings.KAFKA_CONNECT_TIMEOUT)
 
-    async def restart(self) -> None:
-        """Recreate the producer: the way out of aiokafka states that never recover."""
-        await self.stop()
+    async def restart(self, *, flush: bool = True) -> None:
+        """Recreate the producer: the way out of aiokafka states that never recover.
+
+        ``flush=False`` is for a producer whose send has just timed out: a graceful stop would
+        spend its whole bound trying to flush to a broker that does not answer, and whatever it
+        did flush would arrive after the sender gave up on it. Its unsent messages are failed
+        instead. Every step is bounded (by ``KAFKA_CONNECT_TIMEOUT``), so callers need no timeout
+        of their own; one that cut a restart short could leave the old client open.
+        """
+        if flush:
+            await self.stop()
+        else:
+            async with self._lock:
+                producer, self.producer = self.producer, None
+            if producer is not None:
+                await self._abandon(producer)
         await self.start()
 
     async def _stop_quietly(self, producer: AIOKafkaProducer) -> None:
@@ -123,7 +136,8 @@ class KafkaManager:
             await self._abandon(producer)
 
     async def _abandon(self, producer: AIOKafkaProducer) -> None:
-        """Close a producer whose ``stop()`` could not flush (the broker is gone).
+        """Close a producer whose ``stop()`` could not flush (the broker is gone), or that is not
+        worth flushing (``restart(flush=False)``).
 
         Cutting ``stop()`` short leaves its sender task retrying pending batches for the life of
         the process (aiokafka #1101), and every ``restart()`` would add another. So cancel the
@@ -141,6 +155,7 @@ class KafkaManager:
             accumulator.fail_all(KafkaUnavailableError("producer closed with messages unsent"))
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.client.close(), timeout)
+        producer._closed = True  # what stop() would have set; aiokafka warns at exit otherwise
 
     # --- producing ----------------------------------------------------------------------------
     async def send(
@@ -195,7 +210,14 @@ class KafkaManager:
 
     # --- consuming ----------------------------------------------------------------------------
     def create_consumer(self, *topics: str, group_id: str | None = None, **overrides: Any) -> Any:
-        """A consumer configured from the specification's consumer settings (not yet started)."""
+        """A consumer configured from the specification's consumer settings (not yet started).
+
+        ``KAFKA_GROUP_ID``, ``KAFKA_AUTO_OFFSET_RESET``, ``KAFKA_ENABLE_AUTO_COMMIT`` and
+        ``KAFKA_SESSION_TIMEOUT_MS`` are the defaults; ``group_id`` and ``overrides`` (any
+        ``AIOKafkaConsumer`` option) win over them. A consumer that overrides one of them says why
+        where it is made: the audit consumer and the mail courier read from the earliest offset and
+        commit by hand, because they must neither miss nor half-handle a record.
+        """
         s = self.settings
         options: dict[str, Any] = {
             **self._common_options(),
