@@ -19,6 +19,7 @@ from src.app.container import app_services
 from src.db.models import AuditEvent, OutboxEvent
 from src.db.session import create_engine, create_sessionmaker
 from src.db.types import utcnow
+from src.events import relay as relay_module
 from src.events.audit import AuditConsumer
 from src.events.envelope import CloudEvent
 from src.events.outbox import EventType, record_event
@@ -210,3 +211,24 @@ async def test_published_rows_are_pruned_after_the_retention_period(
     async with sessionmaker() as db:
         left = set((await db.execute(select(OutboxEvent.id))).scalars())
     assert left == set(ids[1:])
+
+
+async def test_a_large_backlog_is_pruned_in_short_chunks(
+    make_settings: SettingsFactory,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    clean_db: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each chunk is its own statement and transaction, so none outlasts the statement timeout."""
+    monkeypatch.setattr(relay_module, "_PRUNE_CHUNK", 3)
+    settings = make_settings(OUTBOX_RETENTION_HOURS=1)
+    long_ago = utcnow() - timedelta(hours=2)
+    async with sessionmaker() as db:
+        for n in range(8):
+            record_event(db, settings, EventType.UPDATED, uuid.uuid4(), {"n": n})
+        await db.commit()
+        await db.execute(update(OutboxEvent).values(created_at=long_ago, published_at=long_ago))
+        await db.commit()
+    assert await OutboxRelay(settings, sessionmaker, lambda: None).prune() == 8
+    async with sessionmaker() as db:
+        assert (await db.execute(select(OutboxEvent.id))).first() is None

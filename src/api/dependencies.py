@@ -17,6 +17,7 @@ from src.auth import service as auth_service
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
 from src.config.settings import Settings
+from src.db.session import close_session
 from src.errors import NotAuthenticated, PermissionDenied
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka.manager import KafkaManager
@@ -39,8 +40,15 @@ def get_security(request: Request) -> Security:
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with app_services(request.app).sessionmaker() as session:
+    """The request's session. It is closed after the answer has gone out (or while an error is on
+    its way to its handler), so closing must neither raise nor wait on a failing database: it is
+    bounded by DATABASE_CLOSE_TIMEOUT and its failure is logged (``close_session``)."""
+    services = app_services(request.app)
+    session = services.sessionmaker()
+    try:
         yield session
+    finally:
+        await close_session(session, services.settings.DATABASE_CLOSE_TIMEOUT)
 
 
 def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:

@@ -14,11 +14,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from src.db.session import DATABASE_UNAVAILABLE, describe
 from src.errors import DomainError
 
 logger = logging.getLogger(__name__)
@@ -109,7 +108,8 @@ async def _validation_error(request: Request, exc: Exception) -> ProblemResponse
 
 
 async def _database_unavailable(request: Request, exc: Exception) -> ProblemResponse:
-    logger.error("Database unavailable while serving %s: %s", request.url.path, type(exc).__name__)
+    # One line, no stack: an outage is not a bug, and it would repeat for every request.
+    logger.error("Database unavailable while serving %s: %s", request.url.path, describe(exc))
     return problem_response(
         503,
         "The database is unavailable; try again shortly.",
@@ -157,6 +157,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for exc_type in (OperationalError, InterfaceError, PoolTimeoutError, ConnectionError, OSError):
+    # Exactly the failures that mean "the database cannot serve now" (src.db.session turns a
+    # refused, reset, lost or silent connection into one of them); a data error stays what it is
+    # (a duplicate key is the service's 409, a bad value a 500), and an OSError from elsewhere is
+    # no database outage.
+    for exc_type in DATABASE_UNAVAILABLE:
         app.add_exception_handler(exc_type, _database_unavailable)
     app.add_middleware(UnhandledErrorMiddleware)

@@ -57,6 +57,7 @@ from src.services.kafka.serializers import KafkaSerializer
 logger = logging.getLogger(__name__)
 
 _PRUNE_EVERY_SECONDS = 600
+_PRUNE_CHUNK = 2000
 _UNAVAILABLE = KafkaUnavailableError("Kafka is unavailable; events wait in the outbox")
 # Structured content mode of the CloudEvents Kafka binding: the whole event is the JSON value, and
 # this header says so. No ``ce_*`` headers: a reader that sees one (the CloudEvents SDKs'
@@ -279,18 +280,33 @@ async def prune_outbox(sessionmaker: async_sessionmaker[AsyncSession], settings:
     """Delete rows published more than ``OUTBOX_RETENTION_HOURS`` ago, and forget sealed links
     that have expired; return how many rows were deleted.
 
-    Unpublished rows are never deleted, however old: they are events still owed to Kafka.
+    Unpublished rows are never deleted, however old: they are events still owed to Kafka. Rows go
+    in chunks of ``_PRUNE_CHUNK``, each its own short transaction: a week of backlog in one
+    DELETE would outlast ``DATABASE_STATEMENT_TIMEOUT`` and hold its locks all the while.
     """
     now = utcnow()
     cutoff = now - timedelta(hours=settings.OUTBOX_RETENTION_HOURS)
+    deleted = 0
+    while True:
+        async with sessionmaker() as db:
+            chunk = (
+                select(OutboxEvent.position)
+                .where(OutboxEvent.published_at < cutoff)
+                .limit(_PRUNE_CHUNK)
+                .scalar_subquery()
+            )
+            result = await db.execute(
+                delete(OutboxEvent).where(OutboxEvent.position.in_(chunk)),
+                execution_options={"synchronize_session": False},
+            )
+            await db.commit()
+        count: int = getattr(result, "rowcount", 0) or 0
+        deleted += count
+        if count < _PRUNE_CHUNK:
+            break
     async with sessionmaker() as db:
-        result = await db.execute(
-            delete(OutboxEvent).where(OutboxEvent.published_at < cutoff),
-            execution_options={"synchronize_session": False},
-        )
         purged = await purge_expired_secrets(db, now)
         await db.commit()
-    deleted: int = getattr(result, "rowcount", 0) or 0
     if deleted or purged:
         logger.info("outbox: pruned %d published events, %d expired links", deleted, purged)
     return deleted

@@ -46,7 +46,25 @@ class Settings(BaseSettings):
     DATABASE_MAX_OVERFLOW: int = Field(default=10, ge=0, le=1000)
     # Seconds a request waits for a pooled connection before it gets a 503 (fail fast, no pile-up).
     DATABASE_POOL_TIMEOUT: float = Field(default=2.0, gt=0, le=60)
-    DATABASE_CONNECT_TIMEOUT: float = Field(default=3.0, gt=0, le=60)
+    # Every other wait on the database is bounded too, so a server that refuses or goes silent
+    # (packets dropped, nobody answering) costs a request a 503 within seconds, never a hang.
+    # Seconds each, default in brackets. Opening a connection (TCP, TLS, authentication) [2.0]:
+    DATABASE_CONNECT_TIMEOUT: float = Field(default=2.0, gt=0, le=60)
+    # Closing a request's session, i.e. rolling back what it left open and returning the
+    # connection; past it, or on failure, the connection is discarded and the answer goes out
+    # regardless [1.0]:
+    DATABASE_CLOSE_TIMEOUT: float = Field(default=1.0, gt=0, le=60)
+    # PostgreSQL only from here. The check a pooled connection passes before each use; one that
+    # fails it is dropped and replaced once, so a restart or a forgotten flow goes unseen [1.0]:
+    DATABASE_PING_TIMEOUT: float = Field(default=1.0, gt=0, le=60)
+    # Any one reply (a statement, BEGIN, COMMIT, ROLLBACK); past it the connection is given up as
+    # lost and closed [2.0]:
+    DATABASE_COMMAND_TIMEOUT: float = Field(default=2.0, gt=0, le=3600)
+    # PostgreSQL's own statement_timeout: the server cancels a longer statement and the connection
+    # lives on. Keep it below DATABASE_COMMAND_TIMEOUT, so that a slow statement is the server's
+    # to cancel. 0 turns it off: behind PgBouncer, which refuses it as a start-up parameter, set it
+    # on the database role instead [1.5]:
+    DATABASE_STATEMENT_TIMEOUT: float = Field(default=1.5, ge=0, le=3600)
 
     # --- Redis (names and defaults from the specification) --------------------------------------
     REDIS_ENABLED: bool = True
