@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from src.db.session import upgrade_database
-from tests.helpers import OPERATOR_TOKEN, bearer, login, running_app
-from tests.servers import KafkaBroker, RedisServer, postgres_admin_url
+from tests.support.app import OPERATOR_TOKEN, bearer, login, running_app
+from tests.support.servers import KafkaBroker, RedisServer, postgres_admin_url
 
 
 def _to_asyncpg_dsn(url: str) -> str:
@@ -178,7 +178,7 @@ def make_settings(
             "AUTH_CACHE_MAX_AGE_SECONDS": 300,
             "MAIL_RATE_LIMIT_PER_IP": 100_000,
             "MAIL_RATE_LIMIT_PER_ADDRESS": 100_000,
-            # Tests that read health details send it (tests.helpers.OPERATOR).
+            # Tests that read health details send it (tests.support.app.OPERATOR).
             "HEALTH_DETAILS_TOKEN": OPERATOR_TOKEN,
         }
         values.update(overrides)

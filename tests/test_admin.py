@@ -15,20 +15,22 @@ from fastapi import FastAPI
 
 from src.config.settings import Settings
 from tests.conftest import ADMIN_PASSWORD
-from tests.helpers import PASSWORD, bearer, login, unique_email
-from tests.users_support import (
+from tests.support.app import PASSWORD, bearer, login, unique_email
+from tests.support.auth import (
     API,
     PUBLIC_FIELDS,
     QUICK_SETTINGS,
+    assert_problem,
+    assert_unauthenticated,
+    session_of,
+)
+from tests.support.users import (
     admin_creates,
     admin_creates_signed_in,
     assert_outbox_carries_no_secrets,
-    assert_problem,
-    assert_unauthenticated,
     event_types,
     fetch,
     last_event,
-    session_id,
 )
 
 AdminApp = tuple[FastAPI, httpx.AsyncClient, dict[str, str]]
@@ -123,7 +125,7 @@ async def test_authorization_matrix(
     session = str(uuid.uuid4())
     if caller != "anonymous":
         me, tokens = await admin_creates_signed_in(client, boss, role=caller)
-        headers, session = bearer(tokens), session_id(tokens)
+        headers, session = bearer(tokens), session_of(tokens)
     before = {u["id"]: await fetch(client, boss, u["id"]) for u in (me, other)}
 
     url = API + path.format(self=me["id"], other=other["id"], unknown=uuid.uuid4(), session=session)

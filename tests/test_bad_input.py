@@ -50,9 +50,18 @@ from redis.asyncio import Redis
 
 from src.api.errors import PROBLEM_JSON
 from src.config.settings import Settings
-from tests.auth_support import QUICK_SETTINGS, forget_in_process_login_attempts, session_of
-from tests.helpers import PASSWORD, login, signed_in, unique_email
-from tests.users_support import API, PUBLIC_FIELDS, admin_creates, fetch
+from tests.support.app import PASSWORD, login, signed_in, unique_email
+from tests.support.auth import (
+    API,
+    PUBLIC_FIELDS,
+    QUICK_SETTINGS,
+    forget_in_process_login_attempts,
+    session_of,
+)
+from tests.support.users import (
+    admin_creates,
+    fetch,
+)
 
 AdminApp = tuple[FastAPI, httpx.AsyncClient, dict[str, str]]
 

@@ -18,9 +18,9 @@ from src.db.types import utcnow
 from src.services.connections import connections_of
 from src.users.cache import SessionState, UserCache, session_key, user_key
 from src.users.schemas import UserPublic
-from tests.auth_support import QUICK_SETTINGS, assert_unauthenticated
-from tests.helpers import bearer, eventually, login, register, running_app
-from tests.tcp_proxy import TcpProxy
+from tests.support.app import bearer, eventually, login, register, running_app
+from tests.support.auth import QUICK_SETTINGS, assert_unauthenticated
+from tests.support.tcp_proxy import TcpProxy
 
 ME = "/api/v1/users/me"
 

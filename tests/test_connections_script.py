@@ -20,7 +20,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from redis import Redis as SyncRedis
 
-from tests.servers import SilentServer, free_port
+from tests.support.servers import SilentServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "test_connections.py"

@@ -3,8 +3,8 @@
 A fault-injection run found requests hanging for 32 s on a silent PostgreSQL (asyncpg's 30 s
 command timeout, then SQLAlchemy's 2 s polite close), a connection lost mid-query answered with a
 500, and a failing session close cutting off a complete answer. Here the app talks to the test
-PostgreSQL through ``tests.tcp_proxy.TcpProxy``, which refuses, resets or black-holes the link on
-demand, so each fault is real TCP behaviour, not a mock.
+PostgreSQL through ``tests.support.tcp_proxy.TcpProxy``, which refuses, resets or black-holes the
+link on demand, so each fault is real TCP behaviour, not a mock.
 
 Timing: the database bounds are about a second (``BOUNDS``); a request fails its test only if it
 takes ``HANG`` (10 s), which a loaded 2-core CI never needs, and which the old code always did.
@@ -33,11 +33,11 @@ from src.auth.context import Principal, Security
 from src.config.settings import Settings
 from src.db.session import create_engine, describe
 from src.users import repository
-from tests.auth_support import QUICK_SETTINGS
 from tests.conftest import SettingsFactory
-from tests.helpers import PASSWORD, eventually, register, running_app, signed_in
-from tests.servers import free_port
-from tests.tcp_proxy import TcpProxy
+from tests.support.app import PASSWORD, eventually, register, running_app, signed_in
+from tests.support.auth import QUICK_SETTINGS
+from tests.support.servers import free_port
+from tests.support.tcp_proxy import TcpProxy
 
 ME = "/api/v1/users/me"
 LOGIN = "/api/v1/auth/login"

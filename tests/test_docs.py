@@ -29,7 +29,7 @@ from fastapi import FastAPI
 from src.api.dependencies import API_V1
 from src.api.docs import ASSET_CACHE_CONTROL, DOCS_CSP, STATIC_DIR, install_docs
 from src.api.router import api_router
-from tests.servers import free_port, wait_for_port
+from tests.support.servers import free_port, wait_for_port
 
 if TYPE_CHECKING:
     from playwright.async_api import ConsoleMessage, Route

@@ -26,7 +26,8 @@ from src.app.container import app_services
 from src.config.settings import Settings
 from src.events.outbox import NOTIFICATION_EVENTS, EventType, topic_for
 from src.events.relay import OutboxRelay
-from tests.auth_support import (
+from tests.support.app import PASSWORD, bearer, eventually, login, register, unique_email
+from tests.support.auth import (
     QUICK_SETTINGS,
     client_from,
     forget_in_process_login_attempts,
@@ -34,7 +35,6 @@ from tests.auth_support import (
     outbox,
     password_grant,
 )
-from tests.helpers import PASSWORD, bearer, eventually, login, register, unique_email
 
 AdminApp = tuple[FastAPI, httpx.AsyncClient, dict[str, str]]
 

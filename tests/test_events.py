@@ -27,7 +27,8 @@ from src.events.outbox import open_secret, outbox_backlog
 from src.security.sealing import UnsealError
 from src.services.connections import connections_of
 from tests.conftest import SettingsFactory
-from tests.events_support import (
+from tests.support.app import OPERATOR, PASSWORD, eventually, register, running_app, signed_in
+from tests.support.events import (
     FAST_GROUP_JOIN,
     NOTIFICATIONS,
     USER_EVENTS,
@@ -43,8 +44,7 @@ from tests.events_support import (
     subjects,
     wait_for_records,
 )
-from tests.helpers import OPERATOR, PASSWORD, eventually, register, running_app, signed_in
-from tests.servers import KafkaBroker, SilentServer
+from tests.support.servers import KafkaBroker, SilentServer
 
 KAFKA_HEALTH = "/api/v1/health/kafka"
 

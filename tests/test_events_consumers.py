@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from src.services.kafka.manager import KafkaManager
 from tests.conftest import SettingsFactory
-from tests.servers import KafkaBroker
+from tests.support.servers import KafkaBroker
 
 Reset = Literal["earliest", "latest"]
 

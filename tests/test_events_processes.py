@@ -19,7 +19,8 @@ from aiokafka import AIOKafkaProducer
 from src.app.container import app_services
 from src.events.outbox import EventType, record_event
 from tests.conftest import SettingsFactory
-from tests.events_support import (
+from tests.support.app import eventually, register, running_app
+from tests.support.events import (
     FAST_GROUP_JOIN,
     NOTIFICATIONS,
     USER_EVENTS,
@@ -29,8 +30,7 @@ from tests.events_support import (
     subjects,
     wait_for_records,
 )
-from tests.helpers import eventually, register, running_app
-from tests.servers import KafkaBroker, free_port
+from tests.support.servers import KafkaBroker, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 

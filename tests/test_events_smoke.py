@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from src.app.container import app_services
 from tests.conftest import SettingsFactory
-from tests.events_support import FAST_GROUP_JOIN
-from tests.helpers import OPERATOR, bearer, eventually, login, register, running_app
+from tests.support.app import OPERATOR, bearer, eventually, login, register, running_app
+from tests.support.events import FAST_GROUP_JOIN
 
 
 async def test_registration_reaches_the_audit_trail(make_settings: SettingsFactory) -> None:

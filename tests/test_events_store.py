@@ -26,7 +26,7 @@ from src.events.outbox import EventType, record_event
 from src.events.relay import OutboxRelay
 from src.services.kafka.serializers import KafkaSerializer
 from tests.conftest import ADMIN_PASSWORD, SettingsFactory
-from tests.helpers import bearer, login, running_app, signed_in, unique_email
+from tests.support.app import bearer, login, running_app, signed_in, unique_email
 
 
 @dataclass(frozen=True)

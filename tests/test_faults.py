@@ -16,14 +16,14 @@ from fastapi import FastAPI
 from src.services.connections import connections_of, get_kafka_from_app, get_redis_from_app
 from src.services.kafka import KafkaUnavailableError
 from tests.conftest import SettingsFactory
-from tests.helpers import (
+from tests.support.app import (
     OPERATOR,
     assert_no_leftover_tasks,
     bounded_app,
     eventually,
     running_app,
 )
-from tests.servers import KafkaBroker, RedisServer
+from tests.support.servers import KafkaBroker, RedisServer
 
 HEALTH = "/api/v1/health"
 

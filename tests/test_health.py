@@ -10,7 +10,7 @@ from sqlalchemy import event
 from src.app.container import app_services
 from src.services.connections import connections_of
 from tests.conftest import SettingsFactory
-from tests.helpers import OPERATOR, running_app
+from tests.support.app import OPERATOR, running_app
 
 
 async def test_all_healthy(app_client: httpx.AsyncClient) -> None:

@@ -14,8 +14,8 @@ import pytest
 
 from src.api.client_address import client_ip
 from src.config.settings import Settings
-from tests.auth_support import QUICK_SETTINGS, assert_problem
-from tests.helpers import PASSWORD, bearer, login, register, running_app
+from tests.support.app import PASSWORD, bearer, login, register, running_app
+from tests.support.auth import QUICK_SETTINGS, assert_problem
 
 API = "/api/v1"
 PROXY = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8::/32")]

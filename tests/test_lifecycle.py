@@ -28,7 +28,7 @@ from src.config.events import StartupError
 from src.config.settings import Settings
 from src.services.connections import connections_of, get_kafka_from_app, get_redis_from_app
 from tests.conftest import SettingsFactory
-from tests.helpers import (
+from tests.support.app import (
     BOUND,
     OPERATOR,
     assert_no_leftover_tasks,
@@ -36,7 +36,7 @@ from tests.helpers import (
     eventually,
     running_app,
 )
-from tests.servers import KafkaBroker, RedisServer, SilentServer, free_port
+from tests.support.servers import KafkaBroker, RedisServer, SilentServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEALTH = "/api/v1/health"

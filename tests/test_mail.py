@@ -1,6 +1,6 @@
 """The mail courier: notifications become mail, once per event, through outages and bad input.
 
-A real SMTP server (aiosmtpd, ``tests.mail_support``) runs in the tests' event loop; the courier
+A real SMTP server (aiosmtpd, ``tests.support.mail``) runs in the tests' event loop; the courier
 talks to it over TCP, with STARTTLS, TLS and AUTH where a test says so. Notifications are recorded
 with ``record_notification`` exactly as the service records them, and reach the courier straight
 from the outbox (``KAFKA_ENABLED=false``) or through the relay and a Kafka topic of their own.
@@ -51,9 +51,9 @@ from src.security.sealing import Sealer, load_sealer, new_key
 from src.services.kafka.manager import KafkaManager
 from src.services.kafka.serializers import KafkaSerializer
 from tests.conftest import SettingsFactory
-from tests.events_support import FAST_GROUP_JOIN, read_topic
-from tests.helpers import OPERATOR, assert_no_leftover_tasks, eventually, running_app
-from tests.mail_support import (
+from tests.support.app import OPERATOR, assert_no_leftover_tasks, eventually, running_app
+from tests.support.events import FAST_GROUP_JOIN, read_topic
+from tests.support.mail import (
     TEMPORARILY,
     MailServer,
     self_signed_certificate,

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.servers import free_port, wait_for_port
+from tests.support.servers import free_port, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_EMAIL = "first-admin@example.com"

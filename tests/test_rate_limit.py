@@ -30,7 +30,7 @@ from src.auth.rate_limit import (
 from src.config.settings import Settings
 from src.services.redis_client import create_redis_client
 from tests.conftest import SettingsFactory
-from tests.servers import RedisServer, SilentServer
+from tests.support.servers import RedisServer, SilentServer
 
 
 class FakeClock:

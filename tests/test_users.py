@@ -23,9 +23,8 @@ from src.users.cache import PREFIX as CACHE_PREFIX
 from src.users.cache import session_key, user_key
 from src.users.schemas import UserUpdate
 from src.users.service import event_for
-from tests.auth_support import one_time_token, outbox
 from tests.conftest import ADMIN_PASSWORD
-from tests.helpers import (
+from tests.support.app import (
     PASSWORD,
     bearer,
     eventually,
@@ -35,21 +34,25 @@ from tests.helpers import (
     signed_in,
     unique_email,
 )
-from tests.servers import RedisServer
-from tests.users_support import (
+from tests.support.auth import (
     API,
-    NOTIFICATIONS,
     PUBLIC_FIELDS,
     QUICK_SETTINGS,
+    assert_problem,
+    assert_unauthenticated,
+    one_time_token,
+    outbox,
+    session_of,
+)
+from tests.support.servers import RedisServer
+from tests.support.users import (
+    NOTIFICATIONS,
     USER_EVENTS,
     admin_creates_signed_in,
     assert_outbox_carries_no_secrets,
-    assert_problem,
-    assert_unauthenticated,
     event_types,
     fetch,
     last_event,
-    session_id,
     with_tokens,
 )
 
@@ -267,7 +270,7 @@ async def test_cache_is_filled_and_invalidated(admin_app: AdminApp, redis_client
     user, tokens = await with_tokens(client)
     auth = bearer(tokens)
     user_entry = user_key(uuid.UUID(user["id"]))
-    session_entry = session_key(uuid.UUID(session_id(tokens)))
+    session_entry = session_key(uuid.UUID(session_of(tokens)))
 
     assert (await client.get(ME, headers=auth)).status_code == 200
     assert await redis_client.exists(user_entry, session_entry) == 2
@@ -366,7 +369,7 @@ async def test_no_stale_entry_after_a_failed_invalidation(
             auth = bearer(tokens)
             user_entry = user_key(uuid.UUID(user["id"]))
             assert (await client.get(ME, headers=auth)).status_code == 200
-            session_entry = session_key(uuid.UUID(session_id(tokens)))
+            session_entry = session_key(uuid.UUID(session_of(tokens)))
             assert await direct.exists(user_entry, session_entry) == 2
 
             await direct.acl_setuser("default", enabled=True, commands=["-del", "-unlink"])

@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from src.config.settings import Settings
-from tests.auth_support import QUICK_SETTINGS, forget_in_process_login_attempts
-from tests.helpers import running_app
+from tests.support.app import running_app
+from tests.support.auth import QUICK_SETTINGS, forget_in_process_login_attempts
 
 App = tuple[FastAPI, httpx.AsyncClient]
 

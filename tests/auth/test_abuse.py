@@ -22,7 +22,17 @@ from starlette.types import Message, Receive, Scope, Send
 from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.models import User
-from tests.auth_support import (
+from tests.support.app import (
+    OPERATOR,
+    PASSWORD,
+    bearer,
+    eventually,
+    login,
+    register,
+    running_app,
+    unique_email,
+)
+from tests.support.auth import (
     API,
     REGISTER_URL,
     assert_oauth_error,
@@ -33,17 +43,7 @@ from tests.auth_support import (
     outbox,
     password_grant,
 )
-from tests.helpers import (
-    OPERATOR,
-    PASSWORD,
-    bearer,
-    eventually,
-    login,
-    register,
-    running_app,
-    unique_email,
-)
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 
 RESET_URL = f"{API}/auth/password-reset/request"
 VERIFY_URL = f"{API}/auth/verify-email/request"

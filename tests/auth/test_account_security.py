@@ -15,7 +15,8 @@ import pytest
 
 from src.config.settings import Settings
 from tests.auth.conftest import App
-from tests.auth_support import (
+from tests.support.app import PASSWORD, bearer, login, register, running_app, unique_email
+from tests.support.auth import (
     API,
     ME_URL,
     QUICK_SETTINGS,
@@ -30,7 +31,6 @@ from tests.auth_support import (
     password_grant,
     refresh_grant,
 )
-from tests.helpers import PASSWORD, bearer, login, register, running_app, unique_email
 
 EMAIL_URL = f"{API}/users/me/email"
 CONFIRM_URL = f"{API}/auth/email-change/confirm"

@@ -23,7 +23,8 @@ from src.config.settings import Settings
 from src.services.connections import connections_of
 from src.users.cache import session_key
 from tests.auth.conftest import App
-from tests.auth_support import (
+from tests.support.app import PASSWORD, bearer, login, register, running_app, unique_email
+from tests.support.auth import (
     API,
     ME_URL,
     PUBLIC_FIELDS,
@@ -41,7 +42,6 @@ from tests.auth_support import (
     unverified_claims,
     user_row,
 )
-from tests.helpers import PASSWORD, bearer, login, register, running_app, unique_email
 
 # --- registration ---------------------------------------------------------------------------------
 

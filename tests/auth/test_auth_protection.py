@@ -13,7 +13,16 @@ import pytest
 from src.app.container import app_services
 from src.config.settings import Settings
 from src.services.connections import connections_of
-from tests.auth_support import (
+from tests.support.app import (
+    PASSWORD,
+    bearer,
+    eventually,
+    login,
+    register,
+    running_app,
+    unique_email,
+)
+from tests.support.auth import (
     API,
     ME_URL,
     REGISTER_URL,
@@ -29,8 +38,7 @@ from tests.auth_support import (
     refresh_grant,
     user_row,
 )
-from tests.helpers import PASSWORD, bearer, eventually, login, register, running_app, unique_email
-from tests.servers import RedisServer
+from tests.support.servers import RedisServer
 
 LOCKOUT = {"LOCKOUT_FAILURE_THRESHOLD": 3, "LOCKOUT_WAIT_INCREMENT_SECONDS": 2}
 

@@ -16,7 +16,8 @@ import pytest
 
 from src.config.settings import Settings
 from tests.auth.conftest import App
-from tests.auth_support import (
+from tests.support.app import bearer, login, register, running_app, unique_email
+from tests.support.auth import (
     API,
     ME_URL,
     NOTIFICATIONS_TOPIC,
@@ -32,7 +33,6 @@ from tests.auth_support import (
     password_grant,
     refresh_grant,
 )
-from tests.helpers import bearer, login, register, running_app, unique_email
 
 PUBLIC_BASE_URL = "https://accounts.ums-public.example"
 RESET_REQUESTED = "user.password_reset_requested"

@@ -22,14 +22,14 @@ from src.app.container import app_services
 from src.auth.context import Security
 from src.config.settings import Settings
 from tests.auth.conftest import App
-from tests.auth_support import (
+from tests.support.app import PASSWORD, bearer, login, register, running_app
+from tests.support.auth import (
     ME_URL,
     TOKEN_URL,
     assert_unauthenticated,
     session_of,
     unverified_claims,
 )
-from tests.helpers import PASSWORD, bearer, login, register, running_app
 
 
 def _b64(data: bytes) -> str:

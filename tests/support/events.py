@@ -20,8 +20,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from tests.helpers import eventually
-from tests.servers import KafkaBroker, free_port, tansu_binary
+from tests.support.app import eventually
+from tests.support.servers import KafkaBroker, free_port, tansu_binary
 
 USER_EVENTS = "user-events"
 NOTIFICATIONS = "user-notifications"

@@ -11,17 +11,9 @@ from fastapi import FastAPI
 
 from src.db.models import OutboxEvent
 from src.events.outbox import NOTIFICATION_EVENTS
+from tests.support.app import PASSWORD, login, register
+from tests.support.auth import API, outbox
 
-# Shared with the authentication tests (one definition of each), re-exported for the user tests.
-from tests.auth_support import API as API
-from tests.auth_support import PUBLIC_FIELDS as PUBLIC_FIELDS
-from tests.auth_support import QUICK_SETTINGS as QUICK_SETTINGS
-from tests.auth_support import assert_problem as assert_problem
-from tests.auth_support import assert_unauthenticated as assert_unauthenticated
-from tests.auth_support import outbox, session_of
-from tests.helpers import PASSWORD, login, register
-
-session_id = session_of
 USER_EVENTS = "user-events"
 NOTIFICATIONS = "user-notifications"
 

@@ -20,7 +20,7 @@ from src.auth.rate_limit import THROTTLE_PREFIX
 from src.db.models import OneTimeToken, OutboxEvent, User, UserSession
 from src.events.outbox import open_secret
 from src.security.tokens import hash_token
-from tests.helpers import PASSWORD
+from tests.support.app import PASSWORD
 
 API = "/api/v1"
 TOKEN_URL = f"{API}/auth/login"
