@@ -10,12 +10,24 @@ from sqlalchemy import event
 from src.app.container import app_services
 from src.services.connections import connections_of
 from tests.conftest import SettingsFactory
-from tests.support.app import OPERATOR, running_app
+from tests.support.app import OPERATOR, eventually, running_app
+
+
+async def _healthy(client: httpx.AsyncClient, path: str = "", **headers: str) -> httpx.Response:
+    """The first healthy answer: a check is cut off under a second, which a busy CI machine
+    sometimes misses; then the next one answers (a real outage would never)."""
+
+    async def answer() -> httpx.Response | None:
+        response = await client.get(f"/api/v1/health{path}", headers=headers)
+        healthy = response.status_code == 200 and response.json()["status"] == "healthy"
+        return response if healthy else None
+
+    found: httpx.Response = await eventually(answer, timeout=10, interval=0.2)
+    return found
 
 
 async def test_all_healthy(app_client: httpx.AsyncClient) -> None:
-    response = await app_client.get("/api/v1/health", headers=OPERATOR)
-    assert response.status_code == 200
+    response = await _healthy(app_client, **OPERATOR)
     body = response.json()
     assert body["status"] == "healthy"
     assert body["version"]
@@ -28,9 +40,8 @@ async def test_all_healthy(app_client: httpx.AsyncClient) -> None:
 
 async def test_single_checks_and_probes(app_client: httpx.AsyncClient) -> None:
     for name in ("database", "redis", "kafka"):
-        response = await app_client.get(f"/api/v1/health/{name}")
-        assert response.status_code == 200, response.text
-        assert response.json()["status"] == "healthy"
+        response = await _healthy(app_client, f"/{name}")
+        assert response.json() == {"status": "healthy"}
     live = await app_client.get("/api/v1/health/live")
     assert live.status_code == 200 and live.json() == {"status": "alive"}
     ready = await app_client.get("/api/v1/health/ready")

@@ -193,20 +193,25 @@ class KafkaManager:
         producer = self.producer
         if producer is None:
             raise KafkaUnavailableError("Kafka producer is not connected")
+        acks: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(timeout):
-                acks = [
-                    await producer.send(
-                        m.topic,
-                        m.value,
-                        key=self.serializer.serialize_key(m.key),
-                        headers=list(m.headers),
+                for m in messages:
+                    key = self.serializer.serialize_key(m.key)
+                    acks.append(
+                        await producer.send(m.topic, m.value, key=key, headers=list(m.headers))
                     )
-                    for m in messages
-                ]
                 await asyncio.gather(*acks)
         except TimeoutError as exc:
             raise KafkaSendTimeout(f"no acknowledgement from Kafka within {timeout:g}s") from exc
+        finally:
+            # Given up on: nobody will read these any more. Cancelled, aiokafka leaves them alone
+            # (instead of failing them later with an error nobody retrieves, which asyncio logs).
+            for ack in acks:
+                if not ack.done():
+                    ack.cancel()
+                elif not ack.cancelled():
+                    ack.exception()
 
     # --- consuming ----------------------------------------------------------------------------
     def create_consumer(self, *topics: str, group_id: str | None = None, **overrides: Any) -> Any:
