@@ -25,11 +25,15 @@ LAYERS = [
     "events",
     "users",
     "auth",
+    "oauth",
     "mail",
     "app",
     "config.events",
+    "cli",
     "api",
+    "web",
     "main",
+    "__main__",
 ]
 
 

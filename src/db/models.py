@@ -77,6 +77,17 @@ class UserSession(Base):
     # Where the password was entered (an IPv4 address, or an IPv6 /64): unlike ip_address it
     # never moves with a refresh, so only a password sign-in makes an address "known".
     sign_in_network: Mapped[str | None] = mapped_column(String(45))
+    # "token": a refresh-token family (API sign-in, or an OAuth client's grant); "browser": the
+    # provider's own sign-in on the hosted pages, carried by a cookie whose hash is cookie_hash.
+    kind: Mapped[str] = mapped_column(String(16), default="token", server_default="token")
+    cookie_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # The browser session an authorization code came from: ending it ends this one too.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)
+    # When and how the user authenticated (OpenID Connect auth_time and amr, e.g. "pwd").
+    auth_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    amr: Mapped[str | None] = mapped_column(String(64))
+    # The scopes granted to the client, space-separated (none for the service's own API).
+    scope: Mapped[str | None] = mapped_column(String(1024))
 
 
 # "Did the password open a session from this network lately?" (the login guard, new sign-ins).
@@ -202,3 +213,101 @@ class MailDelivery(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     data: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     sealed: Mapped[str | None] = mapped_column(Text)
+
+
+class OAuthClient(Base):
+    """An application that signs users in through this provider (OAuth 2.1 / OpenID Connect)."""
+
+    __tablename__ = "oauth_clients"
+    __table_args__ = (
+        CheckConstraint("client_type IN ('confidential', 'public')", name="client_type"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    client_id: Mapped[str] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
+    client_type: Mapped[str] = mapped_column(String(16))
+    # SHA-256 of the secret (secrets are 256 random bits, so a slow hash adds nothing); none for
+    # public clients.
+    secret_hash: Mapped[str | None] = mapped_column(String(64))
+    # Exact strings, compared exactly (RFC 9700 section 4.1.3); lists as JSON arrays.
+    redirect_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
+    post_logout_redirect_uris: Mapped[list[str]] = mapped_column(JSON, default=list)
+    grant_types: Mapped[list[str]] = mapped_column(JSON, default=list)
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # The company's own application: no consent screen.
+    first_party: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+
+
+class OAuthConsent(Base):
+    """The scopes a user allowed a (third-party) client; revoked by the user at any time."""
+
+    __tablename__ = "oauth_consents"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    client_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # Space-separated, like an OAuth scope parameter.
+    scope: Mapped[str] = mapped_column(String(1024))
+    granted_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuthorizationCode(Base):
+    """An authorization code (stored hashed): single use, short-lived, bound to its client,
+    redirect URI and PKCE challenge."""
+
+    __tablename__ = "authorization_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    client_id: Mapped[str] = mapped_column(String(255))
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    # The browser session the user signed in with (the ID token's sid).
+    browser_session_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    redirect_uri: Mapped[str] = mapped_column(Text)
+    scope: Mapped[str] = mapped_column(String(1024))
+    nonce: Mapped[str | None] = mapped_column(String(512))
+    code_challenge: Mapped[str] = mapped_column(String(128))
+    auth_time: Mapped[datetime] = mapped_column(UTCDateTime)
+    amr: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The session the code was exchanged for: a replayed code ends it (RFC 6749 section 4.1.2).
+    session_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+
+
+class SigningKeyRecord(Base):
+    """A token signing key. One is active; the next is published ahead of use; retired ones stay
+    published until every token they signed has expired (``expires_at``)."""
+
+    __tablename__ = "signing_keys"
+    __table_args__ = (CheckConstraint("state IN ('next', 'active', 'retired')", name="state"),)
+
+    kid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    algorithm: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    # The PKCS#8 PEM, sealed with ENCRYPTION_KEY (src.security.sealing), bound to the kid.
+    private_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Retired keys only: when the last token it signed expires; then it leaves the JWKS.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+# Every instance must agree on one active key: the database refuses a second.
+Index(
+    "ix_signing_keys_one_active",
+    SigningKeyRecord.state,
+    unique=True,
+    postgresql_where=SigningKeyRecord.state == "active",
+    sqlite_where=SigningKeyRecord.state == "active",
+)

@@ -132,6 +132,24 @@ class Settings(BaseSettings):
     # A sign-in from an address without a recent sign-in to the account mails a notice.
     NOTIFY_NEW_SIGN_IN: bool = True
 
+    # --- OpenID Connect provider -----------------------------------------------------------------
+    # The issuer of ID tokens is PUBLIC_BASE_URL (without a trailing slash): discovery lives at
+    # {PUBLIC_BASE_URL}/.well-known/openid-configuration.
+    # The password grant (RFC 6749 section 4.3), which OAuth 2.1 drops: on by default for the
+    # service's own API and first-party clients that enable it; off here turns it off for all.
+    PASSWORD_GRANT_ENABLED: bool = True
+    # Sign-up on the hosted pages and POST /auth/register; off for invitation-only services.
+    SELF_REGISTRATION_ENABLED: bool = True
+    # Authorization codes are single use and live at most this long (OAuth 2.1: short).
+    AUTHORIZATION_CODE_LIFETIME_SECONDS: int = Field(default=60, ge=5, le=60)
+    ID_TOKEN_EXPIRE_MINUTES: int = Field(default=15, ge=1, le=1440)
+    # Signing keys live in the database (private parts sealed with ENCRYPTION_KEY); every
+    # instance re-reads them this often, so all agree on the active key within this bound.
+    SIGNING_KEY_REFRESH_SECONDS: float = Field(default=60.0, gt=0, le=3600)
+    # How long verifiers may cache /.well-known/jwks.json. A key is published this long plus
+    # SIGNING_KEY_REFRESH_SECONDS before it signs anything (``keys rotate`` waits for it).
+    JWKS_MAX_AGE_SECONDS: int = Field(default=300, ge=0, le=86400)
+
     # --- secrets at rest ------------------------------------------------------------------------
     # AES-256-GCM keys (base64url of 32 bytes), comma-separated: the first encrypts, all decrypt
     # (rotation). They seal one-time tokens on their way to the mail sender. Required in
@@ -264,6 +282,17 @@ class Settings(BaseSettings):
             raise ValueError("expected a postgresql:// or sqlite:// URL")
         return value
 
+    @field_validator("PUBLIC_BASE_URL")
+    @classmethod
+    def _public_base_url(cls, value: str) -> str:
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError("expected an http:// or https:// URL")
+        if parsed.query or parsed.fragment:
+            # It is the OpenID Connect issuer, which must have neither.
+            raise ValueError("must not have a query or a fragment")
+        return value
+
     @field_validator("TRUSTED_PROXIES")
     @classmethod
     def _trusted_proxies(cls, value: str | None) -> str | None:
@@ -291,6 +320,16 @@ class Settings(BaseSettings):
     @property
     def cors_origins(self) -> list[str]:
         return [origin.rstrip("/") for origin in _split(self.CORS_ALLOW_ORIGINS)]
+
+    @property
+    def issuer(self) -> str:
+        """The OpenID Connect issuer: the public URL, exactly as discovery and ID tokens say."""
+        return self.PUBLIC_BASE_URL.rstrip("/")
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies are ``Secure`` everywhere but a development set-up on plain http."""
+        return self.PUBLIC_BASE_URL.lower().startswith("https://") or self.is_production
 
     @property
     def mail_enabled(self) -> bool:

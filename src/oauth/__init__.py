@@ -1,0 +1,1 @@
+"""The OpenID Connect provider: clients, the authorization code flow, ID tokens, consent."""
