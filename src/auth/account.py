@@ -100,7 +100,7 @@ async def request_email_change(
         user,
         EventType.EMAIL_CHANGE_REQUESTED,
         EMAIL_CHANGE,
-        "confirm-email-change",
+        "account/confirm-email-change",
         to=new_email,
         about=new_email,
     )
@@ -172,7 +172,7 @@ async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> U
         user,
         EventType.EMAIL_CHANGE_NOTICE,
         EMAIL_UNDO,
-        "undo-email-change",
+        "account/undo-email-change",
         to=old_email,
         about=old_email,
         extra={"new_email": new_email},
@@ -215,7 +215,7 @@ async def undo_email_change(db: AsyncSession, sec: Security, token: str) -> None
         sessions_revoked=len(revoked),
     )
     await send_one_time_link(
-        db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"
+        db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "account/reset-password"
     )
     await commit_change(db, sec, [user.id], revoked)
     audit.warning("email change undone: user=%s sessions_revoked=%d", user.id, len(revoked))

@@ -113,10 +113,41 @@ async def login(
     *,
     sessions: async_sessionmaker[AsyncSession],
     defer: Defer,
+    scope: str | None = None,
 ) -> TokenResponse:
-    """The password grant. A wrong password for an existing account and any password for an
-    unknown one cost the same before the answer (one argon2 verification); the failure event
-    of the former is recorded after it, so no write gives the account away."""
+    """The password grant: check the password (``check_password``), open a session."""
+    user = await check_password(db, sec, username, password, client, sessions=sessions, defer=defer)
+    session, refresh = await open_session(
+        db, sec, user, client, client_id, amr=["pwd"], scope=scope
+    )
+    record_event(
+        db,
+        sec.settings,
+        EventType.LOGGED_IN,
+        user.id,
+        {"id": user.id, "session_id": session.id, "ip": client.ip, "client_id": client_id},
+    )
+    await commit_change(db, sec, [user.id])
+    audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    return token_response(sec, user, session, refresh)
+
+
+async def check_password(
+    db: AsyncSession,
+    sec: Security,
+    username: str,
+    password: str,
+    client: ClientInfo,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    defer: Defer,
+) -> User:
+    """A sign-in's password check, for the password grant and the hosted sign-in page alike.
+
+    A wrong password for an existing account and any password for an unknown one cost the same
+    before the answer (one argon2 verification); the failure event of the former is recorded
+    after it, so no write gives the account away. Raises OAuthError("invalid_grant") on failure
+    and TooManyRequests when the login guard refuses. Nothing is committed here."""
     account = canonical_email(username)
     user = await repository.get_user_by_email(db, account) if account else None
     decision = await _admit(db, sec, _guard_key(username), user, client)
@@ -151,24 +182,13 @@ async def login(
         raise OAuthError("invalid_grant", "This account is disabled.")
 
     await sec.guard.succeeded(client.ip, _guard_key(username))
-    rehashed = sec.hasher.needs_rehash(user.password_hash)
-    if rehashed:
+    if sec.hasher.needs_rehash(user.password_hash):
         # Parameters were raised since this hash was made: upgrade it while we have the password.
+        # The upgrade bumps the row's version (optimistic locking): the caller's commit_change
+        # with the user's id drops a cached copy like any other change.
         user.password_hash = await sec.hasher.hash(password)
     await _notice_new_address(db, sec, user, client)
-    session, refresh = await _open_session(db, sec, user, client, client_id)
-    record_event(
-        db,
-        sec.settings,
-        EventType.LOGGED_IN,
-        user.id,
-        {"id": user.id, "session_id": session.id, "ip": client.ip, "client_id": client_id},
-    )
-    # The upgrade bumps the row's version (optimistic locking), so a cached copy would now
-    # serve a stale ETag: drop it like any other change.
-    await commit_change(db, sec, [user.id] if rehashed else [])
-    audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
-    return _token_response(sec, user, session, refresh)
+    return user
 
 
 async def _record_failure(
@@ -216,9 +236,21 @@ async def _notice_new_address(
     )
 
 
-async def _open_session(
-    db: AsyncSession, sec: Security, user: User, client: ClientInfo, client_id: str | None
+async def open_session(
+    db: AsyncSession,
+    sec: Security,
+    user: User,
+    client: ClientInfo,
+    client_id: str | None,
+    *,
+    amr: list[str],
+    scope: str | None = None,
+    auth_time: datetime | None = None,
+    parent_id: uuid.UUID | None = None,
+    kind: str = "token",
 ) -> tuple[UserSession, str]:
+    """A new session and its first secret: a refresh token, or for a browser session the value
+    of its cookie (``kind="browser"``). Flushed, not committed."""
     now = utcnow()
     absolute = now + timedelta(days=sec.settings.SESSION_MAX_LIFETIME_DAYS)
     session = UserSession(
@@ -233,7 +265,18 @@ async def _open_session(
         user_agent=(client.user_agent or "")[:512] or None,
         client_id=client_id,
         sign_in_network=client_key(client.ip),
+        kind=kind,
+        parent_id=parent_id,
+        auth_time=auth_time or now,
+        amr=" ".join(amr),
+        scope=scope,
     )
+    if kind == "browser":
+        secret = new_token()
+        session.cookie_hash = hash_token(secret)
+        db.add(session)
+        await db.flush()
+        return session, secret
     db.add(session)
     # The tables have no ORM relationships, so the session row must exist before its token's.
     await db.flush()
@@ -254,11 +297,24 @@ def _new_refresh_token(db: AsyncSession, session: UserSession, now: datetime) ->
     return token
 
 
-def _token_response(
-    sec: Security, user: User, session: UserSession, refresh_token: str
+def token_response(
+    sec: Security, user: User, session: UserSession, refresh_token: str | None
 ) -> TokenResponse:
-    access, expires_in = sec.tokens.issue(user.id, session.id, user.role)
-    return TokenResponse(access_token=access, expires_in=expires_in, refresh_token=refresh_token)
+    """The access token for a session, with what the session was granted (client and scope)."""
+    access, expires_in = sec.tokens.issue(
+        user.id,
+        session.id,
+        user.role,
+        client_id=session.client_id,
+        scope=session.scope,
+        amr=(session.amr or "").split() or None,
+    )
+    return TokenResponse(
+        access_token=access,
+        expires_in=expires_in,
+        refresh_token=refresh_token,
+        scope=session.scope,
+    )
 
 
 # --- refresh-token grant --------------------------------------------------------------------------
@@ -320,7 +376,7 @@ async def refresh(
     new_refresh = _new_refresh_token(db, session, now)
     await db.commit()
     audit.info("refresh succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
-    return _token_response(sec, user, session, new_refresh)
+    return token_response(sec, user, session, new_refresh)
 
 
 # --- access tokens (the strategy half of "transport + strategy") ------------------------------
@@ -461,7 +517,12 @@ async def request_password_reset(
                 logger.info("password reset requested for no active account")
                 return
             await send_one_time_link(
-                db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "reset-password"
+                db,
+                sec,
+                user,
+                EventType.PASSWORD_RESET_REQUESTED,
+                PASSWORD_RESET,
+                "account/reset-password",
             )
             await db.commit()
         logger.info("password reset requested: user=%s", user.id)

@@ -145,6 +145,10 @@ class SessionPublic(BaseModel):
     expires_at: datetime
     ip_address: str | None
     user_agent: str | None
+    # "token" (an API or application sign-in) or "browser" (signed in on the hosted pages).
+    kind: str = "token"
+    # The application the session belongs to, if any.
+    client_id: str | None = None
     current: bool = False
 
 
@@ -154,7 +158,11 @@ class TokenResponse(BaseModel):
     access_token: str
     token_type: Literal["bearer"] = "bearer"
     expires_in: int
-    refresh_token: str
+    # None for grants that give no refresh token (client credentials, a code flow without it).
+    refresh_token: str | None = None
+    scope: str | None = None
+    # OpenID Connect: the ID token of an authorization code grant with the openid scope.
+    id_token: str | None = None
 
 
 class Accepted(BaseModel):

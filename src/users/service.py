@@ -152,7 +152,7 @@ async def send_one_time_link(
 async def record_verification_request(db: AsyncSession, sec: AccountDeps, user: User) -> None:
     """Issue a verification link for the user's current address; earlier links stop working."""
     await send_one_time_link(
-        db, sec, user, EventType.VERIFICATION_REQUESTED, EMAIL_VERIFICATION, "verify-email"
+        db, sec, user, EventType.VERIFICATION_REQUESTED, EMAIL_VERIFICATION, "account/verify-email"
     )
 
 

@@ -129,7 +129,7 @@ async def test_an_email_change_takes_effect_only_when_the_new_address_confirms(a
     [request] = await outbox(fastapi_app, user["id"], CHANGE_REQUESTED)
     assert request.payload["email"] == new_email  # the mail goes to the new address
     link = await one_time_secret(fastapi_app, user["id"], CHANGE_REQUESTED)
-    assert link["url"] == f"{PUBLIC_BASE_URL}/confirm-email-change?token={link['token']}"
+    assert link["url"] == f"{PUBLIC_BASE_URL}/account/confirm-email-change?token={link['token']}"
 
     confirmed = await client.post(CONFIRM_URL, json={"token": link["token"]})
     assert confirmed.status_code == 200, confirmed.text
@@ -146,7 +146,7 @@ async def test_an_email_change_takes_effect_only_when_the_new_address_confirms(a
     [notice] = await outbox(fastapi_app, user["id"], CHANGE_NOTICE)
     assert notice.payload["email"] == user["email"] and notice.payload["new_email"] == new_email
     undo = await one_time_secret(fastapi_app, user["id"], CHANGE_NOTICE)
-    assert undo["url"] == f"{PUBLIC_BASE_URL}/undo-email-change?token={undo['token']}"
+    assert undo["url"] == f"{PUBLIC_BASE_URL}/account/undo-email-change?token={undo['token']}"
     updated = (await outbox(fastapi_app, user["id"], "user.updated"))[-1]
     assert updated.payload["previous_email"] == user["email"]
 

@@ -99,7 +99,7 @@ async def test_reset_event_carries_a_link_built_from_the_configured_url(app: App
     secret = await one_time_secret(fastapi_app, user["id"], RESET_REQUESTED)
     token = secret["token"]
     assert len(token) >= 22  # at least 128 bits, base64url
-    assert secret["url"] == f"{PUBLIC_BASE_URL}/reset-password?token={token}"
+    assert secret["url"] == f"{PUBLIC_BASE_URL}/account/reset-password?token={token}"
     # Stored sealed: nothing in the row is the token or the link.
     assert token not in json_text(event.payload) and token not in str(event.sealed)
     assert "attacker" not in json_text(event.payload)
@@ -190,7 +190,7 @@ async def test_registration_asks_for_verification_and_confirm_verifies(app: App)
     assert event.topic == NOTIFICATIONS_TOPIC
     secret = await one_time_secret(fastapi_app, user["id"], VERIFICATION_REQUESTED)
     token = secret["token"]
-    assert secret["url"] == f"{PUBLIC_BASE_URL}/verify-email?token={token}"
+    assert secret["url"] == f"{PUBLIC_BASE_URL}/account/verify-email?token={token}"
 
     response = await client.post(VERIFY_CONFIRM_URL, json={"token": token})
     assert response.status_code == 200, response.text
