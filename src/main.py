@@ -11,11 +11,12 @@ from src.api.docs import install_docs
 from src.api.errors import install_error_handlers
 from src.api.middleware import RequestGuardMiddleware, SecurityHeadersMiddleware
 from src.api.router import api_router
-from src.api.routes import well_known
+from src.api.routes import oauth, well_known
 from src.config.events import lifespan
 from src.config.logging import configure_logging
 from src.config.settings import Settings, load_settings
 from src.services.connections import Connections
+from src.web.install import install_pages
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,6 +55,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(api_router, prefix=API_V1)
     app.include_router(well_known.router)
+    app.include_router(oauth.discovery)
+    app.include_router(oauth.router)
+    install_pages(app)
     install_docs(app)
     return app
 

@@ -45,6 +45,10 @@ class Principal:
 
     user: UserPublic
     session_id: uuid.UUID
+    # What the token was granted: the application (client_id) and its scopes; None for the
+    # service's own API sign-in.
+    client_id: str | None = None
+    scope: str | None = None
 
     @property
     def id(self) -> uuid.UUID:

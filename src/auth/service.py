@@ -413,7 +413,9 @@ async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal
     if not user.is_active:
         audit.info("token refused: user=%s reason=inactive", user_id)
         raise NotAuthenticated("This account is disabled.")
-    return Principal(user=user, session_id=session_id)
+    return Principal(
+        user=user, session_id=session_id, client_id=claims.client_id, scope=claims.scope
+    )
 
 
 # --- sessions -------------------------------------------------------------------------------------

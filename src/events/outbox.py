@@ -40,6 +40,11 @@ class EventType(StrEnum):
     EMAIL_CHANGE_REQUESTED = "user.email_change_requested"
     EMAIL_CHANGE_NOTICE = "user.email_change_notice"
     NEW_SIGN_IN = "user.new_sign_in"
+    # OAuth clients (src.oauth.clients): the subject is the client's row id, not a user.
+    CLIENT_CREATED = "client.created"
+    CLIENT_UPDATED = "client.updated"
+    CLIENT_DELETED = "client.deleted"
+    CLIENT_SECRET_ROTATED = "client.secret_rotated"
 
 
 # Messages for a person rather than facts for other services: they name the recipient

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import re
 from typing import Annotated, Any
-from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, BackgroundTasks, Form, Header, Response, status
-from fastapi.responses import JSONResponse
 
 from src.api.dependencies import (
     API_V1,
@@ -19,10 +15,10 @@ from src.api.dependencies import (
     SessionMakerDep,
 )
 from src.api.errors import PROBLEM
+from src.api.routes import oauth
+from src.api.routes.oauth import OAUTH_ERROR
 from src.auth import account
 from src.auth import service as auth_service
-from src.errors import OAuthError
-from src.users.emails import MAX_LENGTH as MAX_EMAIL_LENGTH
 from src.users.schemas import (
     Accepted,
     EmailRequest,
@@ -35,21 +31,8 @@ from src.users.schemas import (
 
 router = APIRouter(prefix="/auth", tags=["auth"])
 
-# Bounds on what the token endpoint reads, so nothing longer reaches a hash or a query.
-MAX_PASSWORD_INPUT = 1024
-MAX_TOKEN_INPUT = 512
-MAX_CLIENT_ID = 255
-_VSCHARS = re.compile(r"[\x20-\x7e]+")  # RFC 6749 appendix A: client_id is VSCHAR
 
 _ACCEPTED = Accepted(detail="If the account exists, a message is on its way.")
-_OAUTH_ERROR = {
-    "description": 'RFC 6749 section 5.2 error, e.g. {"error": "invalid_grant"}',
-    "content": {
-        "application/json": {
-            "example": {"error": "invalid_grant", "error_description": "Invalid email or password."}
-        }
-    },
-}
 
 
 @router.post(
@@ -70,8 +53,9 @@ async def register(
 @router.post(
     "/login",
     response_model=TokenResponse,
+    response_model_exclude_none=True,
     # FastAPI lists a 422 for every operation with a body; document its real (problem) shape.
-    responses={400: _OAUTH_ERROR, 422: PROBLEM, 429: PROBLEM},
+    responses={400: OAUTH_ERROR, 401: OAUTH_ERROR, 422: PROBLEM, 429: PROBLEM},
     summary="OAuth2 token endpoint (password and refresh_token grants)",
 )
 async def token(
@@ -89,71 +73,32 @@ async def token(
     client_secret: Annotated[str | None, Form()] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Any:
-    """RFC 6749 sections 4.3 and 6: form-encoded, answers per sections 5.1 and 5.2.
+    """RFC 6749 sections 4.3 and 6 for the service's own API (and Swagger UI's Authorize): the
+    same endpoint as ``/oauth2/token``, which applications should use.
 
-    ``client_id`` (in the form, or as the user name of HTTP Basic authentication) is remembered
-    with the session: its refresh tokens then work for that client only.
+    Without a ``client_id`` the session belongs to the service's own API. With one, the client
+    must be registered and authenticate (``client_secret_basic`` or ``client_secret_post``);
+    its refresh tokens then work for that client only, and the password grant needs a
+    first-party client that enables it.
     """
-    try:
-        client_id = _client_id(client_id, authorization)
-        if grant_type == "password":
-            if not username or not password:
-                raise OAuthError("invalid_request", "username and password are required.")
-            _bounded("username", username, MAX_EMAIL_LENGTH)
-            _bounded("password", password, MAX_PASSWORD_INPUT)
-            tokens = await auth_service.login(
-                db,
-                sec,
-                username,
-                password,
-                client,
-                client_id,
-                sessions=sessions,
-                defer=background.add_task,
-            )
-        elif grant_type == "refresh_token":
-            if not refresh_token:
-                raise OAuthError("invalid_request", "refresh_token is required.")
-            _bounded("refresh_token", refresh_token, MAX_TOKEN_INPUT)
-            tokens = await auth_service.refresh(db, sec, refresh_token, client, client_id)
-        elif not grant_type:
-            raise OAuthError("invalid_request", "grant_type is required.")
-        else:
-            raise OAuthError("unsupported_grant_type", "Use 'password' or 'refresh_token'.")
-    except OAuthError as exc:
-        headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-        if exc.status == 401:  # RFC 6749 section 5.2: say how the client should authenticate
-            headers["WWW-Authenticate"] = 'Basic realm="token"'
-        return JSONResponse(
-            {"error": exc.error, "error_description": exc.description},
-            status_code=exc.status,
-            headers=headers,
-        )
-    return JSONResponse(
-        tokens.model_dump(), headers={"Cache-Control": "no-store", "Pragma": "no-cache"}
+    form = {
+        "grant_type": grant_type,
+        "username": username,
+        "password": password,
+        "refresh_token": refresh_token,
+        "scope": scope,
+        "client_id": client_id,
+        "client_secret": client_secret,
+    }
+    return await oauth.token_request(
+        db=db,
+        sessions=sessions,
+        sec=sec,
+        who=client,
+        background=background,
+        form=form,
+        authorization=authorization,
     )
-
-
-def _bounded(name: str, value: str, limit: int) -> None:
-    if len(value) > limit:
-        raise OAuthError("invalid_request", f"{name} is longer than {limit} characters.")
-
-
-def _client_id(form_value: str | None, authorization: str | None) -> str | None:
-    """The client's identifier from the form or from HTTP Basic (RFC 6749 section 2.3.1)."""
-    from_basic = None
-    if authorization and authorization[:6].lower() == "basic ":
-        try:
-            decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-        except ValueError:  # bad base64 (binascii.Error), bad UTF-8, non-ASCII text
-            raise OAuthError("invalid_client", "Malformed Basic credentials.", 401) from None
-        from_basic = unquote_plus(decoded.partition(":")[0])
-    if form_value and from_basic and form_value != from_basic:
-        raise OAuthError("invalid_request", "Two different client_id values were sent.")
-    value = form_value or from_basic or None
-    if value is not None and (len(value) > MAX_CLIENT_ID or not _VSCHARS.fullmatch(value)):
-        raise OAuthError("invalid_client", "The client_id is not valid.", 401)
-    return value
 
 
 @router.post("/logout", status_code=status.HTTP_204_NO_CONTENT, responses={401: PROBLEM})

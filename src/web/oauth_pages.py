@@ -1,0 +1,387 @@
+"""The browser side of the provider: authorize, sign in, consent, sign out.
+
+Each step re-validates the whole authorization request it carries (``authz``, the original query
+string), so a page posting back something altered gets the same checks as a fresh request. Forms
+are CSRF-protected; the sign-in issues a new browser session (and cookie) every time.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi.responses import Response
+
+from src.api.dependencies import (
+    ClientDep,
+    SecurityDep,
+    SessionDep,
+    SessionMakerDep,
+    SettingsDep,
+)
+from src.auth import service as auth_service
+from src.auth.browser import (
+    BrowserSignIn,
+    cookie_name,
+    current_browser_session,
+    end_browser_session,
+)
+from src.auth.context import Security
+from src.auth.service import ClientInfo
+from src.config.settings import Settings
+from src.db.types import utcnow
+from src.errors import OAuthError, TooManyRequests
+from src.events.outbox import EventType, record_event
+from src.oauth import consents
+from src.oauth.authorize import (
+    AuthorizationRequest,
+    PageError,
+    Redirect,
+    RedirectError,
+    ShowConsent,
+    ShowSignIn,
+    client_origin_targets,
+    decide,
+    describe_scopes,
+    error_url,
+    origin_of,
+    parse_request,
+    without_prompt,
+)
+from src.oauth.logout import LogoutRequest, parse_logout_request
+from src.users.service import commit_change
+from src.web.csrf import CSRF_FIELD, CsrfError, check_csrf
+from src.web.render import (
+    clear_session_cookie,
+    redirect,
+    render,
+    render_error,
+    set_session_cookie,
+)
+
+router = APIRouter(include_in_schema=False)
+audit = logging.getLogger("src.auth.audit")
+
+MAX_FIELD = 4096
+MAX_EMAIL = 320
+MAX_PASSWORD = 1024
+_REFUSED = "Sign-in request refused"
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """The posted form as plain strings, each bounded (longer values are cut to nothing)."""
+    form = await request.form()
+    values: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, str) and name not in values:
+            values[name] = value if len(value) <= MAX_FIELD else ""
+    return values
+
+
+def _cookie(request: Request, settings: Settings) -> str | None:
+    return request.cookies.get(cookie_name(settings))
+
+
+# --- authorize ------------------------------------------------------------------------------------
+
+
+@router.get("/oauth2/authorize")
+async def authorize(request: Request, db: SessionDep, settings: SettingsDep) -> Response:
+    """OAuth 2.1 section 4.1.1 / OpenID Connect Core 3.1.2.1 (GET; response_type=code)."""
+    raw = request.url.query
+    try:
+        auth = await parse_request(db, settings, raw)
+    except PageError as exc:
+        return render_error(request, 400, _REFUSED, str(exc))
+    except RedirectError as exc:
+        return redirect(error_url(settings, exc), 302)
+    signin = await current_browser_session(db, _cookie(request, settings))
+    return await _next_step(request, db, settings, auth, signin, status=302)
+
+
+async def _next_step(
+    request: Request,
+    db: Any,
+    settings: Settings,
+    auth: AuthorizationRequest,
+    signin: BrowserSignIn | None,
+    *,
+    status: int,
+    error: str | None = None,
+) -> Response:
+    try:
+        decision = await decide(db, settings, auth, signin)
+    except RedirectError as exc:
+        return redirect(error_url(settings, exc), status)
+    if isinstance(decision, Redirect):
+        return redirect(decision.url, status)
+    if isinstance(decision, ShowConsent):
+        return render(
+            request,
+            "consent.html",
+            {
+                "client_name": auth.client.name,
+                "scopes": describe_scopes(decision.missing),
+                "authz": auth.raw,
+                "user_email": decision.signin.user.email,
+            },
+            form_targets=client_origin_targets(auth),
+        )
+    assert isinstance(decision, ShowSignIn)
+    return _signin_page(request, settings, auth.raw, auth.login_hint or "", auth, error=error)
+
+
+def _signin_page(
+    request: Request,
+    settings: Settings,
+    authz: str,
+    email: str,
+    auth: AuthorizationRequest | None,
+    *,
+    error: str | None = None,
+    notice: str | None = None,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    query = urlencode({"authz": authz}) if authz else ""
+    response = render(
+        request,
+        "signin.html",
+        {
+            "authz": authz,
+            "email": email,
+            "error": error,
+            "notice": notice,
+            "client_name": auth.client.name if auth else None,
+            "signup_url": (f"/account/signup?{query}" if query else "/account/signup")
+            if settings.SELF_REGISTRATION_ENABLED
+            else None,
+            "forgot_url": "/account/forgot-password",
+        },
+        status=status,
+        # The sign-in may end in a redirect back to the application.
+        form_targets=client_origin_targets(auth) if auth else (),
+    )
+    response.headers.update(headers or {})
+    return response
+
+
+# --- sign in --------------------------------------------------------------------------------------
+
+_NOTICES = {
+    "registered": "Your account is ready: check your mail to verify the address, and sign in.",
+    "reset": "Your password was changed. Sign in with the new one.",
+}
+
+
+@router.get("/account/signin")
+async def signin_page(
+    request: Request, db: SessionDep, settings: SettingsDep, authz: str = "", notice: str = ""
+) -> Response:
+    if len(authz) > MAX_FIELD:
+        return render_error(request, 400, _REFUSED, "The sign-in request is too long.")
+    auth = None
+    if authz:
+        try:
+            auth = await parse_request(db, settings, authz)
+        except PageError as exc:
+            return render_error(request, 400, _REFUSED, str(exc))
+        except RedirectError as exc:
+            return redirect(error_url(settings, exc), 302)
+    elif await current_browser_session(db, _cookie(request, settings)) is not None:
+        return redirect("/account", 302)
+    return _signin_page(
+        request,
+        settings,
+        authz,
+        auth.login_hint or "" if auth else "",
+        auth,
+        notice=_NOTICES.get(notice),
+    )
+
+
+@router.post("/account/signin")
+async def signin(
+    request: Request,
+    db: SessionDep,
+    sessions: SessionMakerDep,
+    sec: SecurityDep,
+    settings: SettingsDep,
+    who: ClientDep,
+    background: BackgroundTasks,
+) -> Response:
+    """Check the password (under the login guard, like the password grant), start a new browser
+    session, then carry on with the authorization request, if there is one."""
+    form = await _form(request)
+    try:
+        check_csrf(request, form.get(CSRF_FIELD))
+    except CsrfError:
+        return render_error(request, 403, "Form expired", "Reload the page and try again.")
+    authz = form.get("authz", "")
+    auth = None
+    if authz:
+        try:
+            auth = await parse_request(db, settings, authz)
+        except PageError as exc:
+            return render_error(request, 400, _REFUSED, str(exc))
+        except RedirectError as exc:
+            return redirect(error_url(settings, exc), 303)
+    email, password = form.get("email", ""), form.get("password", "")
+    if not email or not password or len(email) > MAX_EMAIL or len(password) > MAX_PASSWORD:
+        return _signin_page(
+            request, settings, authz, email[:MAX_EMAIL], auth,
+            error="Enter your email address and password.", status=400,
+        )  # fmt: skip
+    try:
+        user = await auth_service.check_password(
+            db, sec, email, password, who, sessions=sessions, defer=background.add_task
+        )
+    except OAuthError as exc:
+        return _signin_page(
+            request, settings, authz, email, auth, error=exc.description, status=400
+        )
+    except TooManyRequests as exc:
+        return _signin_page(
+            request, settings, authz, email, auth,
+            error="Too many attempts. Wait a little and try again.",
+            status=429, headers=exc.headers,
+        )  # fmt: skip
+    signin_ = await _start_browser_session(request, db, sec, settings, user, who)
+    if auth is None:
+        response: Response = redirect("/account", 303)
+    else:
+        auth = without_prompt(auth, "login")
+        response = await _next_step(request, db, settings, auth, signin_.value, status=303)
+    set_session_cookie(response, settings, signin_.cookie)
+    return response
+
+
+@dataclass(frozen=True)
+class _NewSignIn:
+    value: BrowserSignIn
+    cookie: str
+
+
+async def _start_browser_session(
+    request: Request, db: Any, sec: Security, settings: Settings, user: Any, who: ClientInfo
+) -> _NewSignIn:
+    """A new session id at every sign-in (no fixation); the one the cookie named, if any, ends."""
+    previous = await current_browser_session(db, _cookie(request, settings))
+    ended = []
+    if previous is not None:
+        previous.session.revoked_at, previous.session.revoked_reason = utcnow(), "signed_in_again"
+        ended.append(previous.session.id)
+    session, cookie = await auth_service.open_session(
+        db, sec, user, who, None, amr=["pwd"], kind="browser"
+    )
+    record_event(
+        db,
+        sec.settings,
+        EventType.LOGGED_IN,
+        user.id,
+        {"id": user.id, "session_id": session.id, "ip": who.ip, "client_id": None},
+    )
+    await commit_change(db, sec, [user.id], ended)
+    audit.info("browser sign-in: user=%s ip=%s session=%s", user.id, who.ip, session.id)
+    return _NewSignIn(BrowserSignIn(session=session, user=user), cookie)
+
+
+# --- consent --------------------------------------------------------------------------------------
+
+
+@router.post("/oauth2/consent")
+async def consent(
+    request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
+) -> Response:
+    form = await _form(request)
+    try:
+        check_csrf(request, form.get(CSRF_FIELD))
+    except CsrfError:
+        return render_error(request, 403, "Form expired", "Reload the page and try again.")
+    try:
+        auth = await parse_request(db, settings, form.get("authz", ""))
+    except PageError as exc:
+        return render_error(request, 400, _REFUSED, str(exc))
+    except RedirectError as exc:
+        return redirect(error_url(settings, exc), 303)
+    signin_ = await current_browser_session(db, _cookie(request, settings))
+    if signin_ is None:
+        return _signin_page(request, settings, auth.raw, "", auth)
+    if form.get("decision") != "allow":
+        denied = RedirectError(auth, "access_denied", "The user did not allow the request.")
+        audit.info("consent denied: user=%s client=%s", signin_.user.id, auth.client.client_id)
+        return redirect(error_url(settings, denied), 303)
+    await consents.grant(db, signin_.user.id, auth.client.client_id, set(auth.scopes))
+    await db.commit()
+    audit.info("consent granted: user=%s client=%s", signin_.user.id, auth.client.client_id)
+    auth = without_prompt(auth, "consent")
+    return await _next_step(request, db, settings, auth, signin_, status=303)
+
+
+# --- sign out -------------------------------------------------------------------------------------
+
+
+@router.get("/oauth2/logout")
+async def logout_page(
+    request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
+) -> Response:
+    """Ask before signing out: a link alone (an image, a prefetch) must not end a session."""
+    try:
+        logout = await parse_logout_request(db, sec, request.url.query)
+    except PageError as exc:
+        return render_error(request, 400, "Sign-out request refused", str(exc))
+    signin_ = await current_browser_session(db, _cookie(request, settings))
+    if signin_ is None:
+        return _after_logout(request, logout)
+    return render(
+        request,
+        "signout.html",
+        {
+            "state": "confirm",
+            "logout_request": logout.raw,
+            "client_name": logout.client.name if logout.client else None,
+        },
+        form_targets=_logout_targets(logout),
+    )
+
+
+@router.post("/oauth2/logout")
+async def logout(
+    request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
+) -> Response:
+    form = await _form(request)
+    try:
+        check_csrf(request, form.get(CSRF_FIELD))
+    except CsrfError:
+        return render_error(request, 403, "Form expired", "Reload the page and try again.")
+    try:
+        logout_ = await parse_logout_request(db, sec, form.get("logout_request", ""))
+    except PageError as exc:
+        return render_error(request, 400, "Sign-out request refused", str(exc))
+    signin_ = await current_browser_session(db, _cookie(request, settings))
+    if signin_ is not None:
+        await end_browser_session(db, sec, signin_.session.id)
+        audit.info("browser sign-out: user=%s session=%s", signin_.user.id, signin_.session.id)
+    response = _after_logout(request, logout_)
+    clear_session_cookie(response, settings)
+    return response
+
+
+def _after_logout(request: Request, logout: LogoutRequest) -> Response:
+    if logout.redirect_uri is None:
+        return render(
+            request,
+            "signout.html",
+            {"state": "done", "logout_request": "", "client_name": None},
+        )
+    params = urlencode({"state": logout.state}) if logout.state else ""
+    separator = "&" if "?" in logout.redirect_uri else "?"
+    return redirect(f"{logout.redirect_uri}{separator}{params}" if params else logout.redirect_uri)
+
+
+def _logout_targets(logout: LogoutRequest) -> list[str]:
+    origin = origin_of(logout.redirect_uri) if logout.redirect_uri else None
+    return [origin] if origin else []
