@@ -1,6 +1,8 @@
-"""Access tokens: signing keys, issue/decode, the classic JWT attacks, and the JWKS.
+"""Tokens: signing keys, issue/decode (access, client and ID tokens), the classic JWT attacks,
+the key ring and the JWKS.
 
-Pure logic: no servers. Keys are generated once per module (RSA generation is slow).
+Pure logic: no servers (the key ring in the database: tests/test_keys.py). Keys are generated
+once per module (RSA generation is slow).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from src.auth.jwt import (
     AccessTokenClaims,
     AccessTokenCodec,
+    ClientTokenClaims,
     SigningKey,
     TokenError,
+    generate_signing_key,
     jwk_thumbprint,
     load_signing_key,
 )
@@ -34,6 +38,9 @@ from src.config.settings import Settings, SettingsError
 ALGORITHMS = ["RS256", "ES256", "EdDSA"]
 USER_ID = uuid.UUID("0b0c4f8e-7a51-4a8e-9a63-5a2f1f0c0001")
 SESSION_ID = uuid.UUID("0b0c4f8e-7a51-4a8e-9a63-5a2f1f0c0002")
+# The issuer URL (PUBLIC_BASE_URL's default): access tokens name it unless JWT_ISSUER is set.
+ISSUER = "http://localhost:8000"
+AUDIENCE = "user-management-service"
 
 
 def pem_of(key: Any) -> str:
@@ -115,8 +122,8 @@ def test_round_trip(tmp_path: Path, pems: dict[str, str], algorithm: str) -> Non
     assert claims.sub == str(USER_ID)
     assert claims.sid == str(SESSION_ID)
     assert claims.role == "admin"
-    assert claims.iss == "user-management-service"
-    assert claims.aud == "user-management-service"
+    assert claims.iss == ISSUER
+    assert claims.aud == AUDIENCE
     assert claims.exp - claims.iat == expires_in
     assert abs(claims.iat - datetime.now(UTC).timestamp()) < 60
     assert claims.jti == payload["jti"]
@@ -276,8 +283,8 @@ def test_jwks_public_key_verifies_tokens(
         token,
         public,
         algorithms=[algorithm],
-        audience="user-management-service",
-        issuer="user-management-service",
+        audience=AUDIENCE,
+        issuer=ISSUER,
     )
     assert payload["sub"] == str(USER_ID)
 
@@ -367,15 +374,14 @@ def test_development_key_per_algorithm(tmp_path: Path) -> None:
     assert (tmp_path / "jwt-EdDSA.pem").is_file()
 
 
-def test_production_requires_a_key(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, ENVIRONMENT="production")
-    with pytest.raises(SettingsError) as excinfo:
-        load_signing_key(settings)
-    assert str(excinfo.value) == (
-        "Invalid configuration: JWT_PRIVATE_KEY: required in production "
-        "(PEM text, or set JWT_PRIVATE_KEY_FILE)"
-    )
-    assert list(tmp_path.iterdir()) == []  # no key was generated
+def test_production_without_a_key_generates_one(tmp_path: Path) -> None:
+    # It only seeds an empty key ring (sealed in the database); nothing is written to disk.
+    settings = make_settings(tmp_path, ENVIRONMENT="production", JWT_ALGORITHM="ES256")
+    first, second = load_signing_key(settings), load_signing_key(settings)
+    assert first.algorithm == "ES256"
+    assert isinstance(first.private_key, ec.EllipticCurvePrivateKey)
+    assert first.kid != second.kid
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_production_accepts_a_configured_key(tmp_path: Path, pems: dict[str, str]) -> None:
@@ -417,3 +423,279 @@ def test_unparseable_key_is_refused_without_echoing_it(tmp_path: Path) -> None:
         load_signing_key(make_settings(tmp_path, JWT_PRIVATE_KEY=text))
     assert "JWT_PRIVATE_KEY" in str(excinfo.value)
     assert "c2VjcmV0" not in str(excinfo.value)
+
+
+def test_signing_key_pem_round_trip_and_refusal(pems: dict[str, str]) -> None:
+    key = SigningKey.from_pem("EdDSA", pems["EdDSA"].encode())
+    again = SigningKey.from_pem("EdDSA", key.private_pem())
+    assert again.kid == key.kid
+    with pytest.raises(ValueError, match="ES256 needs an EC key on curve P-256") as excinfo:
+        SigningKey.from_pem("ES256", pems["RS256"].encode())
+    assert "PRIVATE" not in str(excinfo.value)
+    with pytest.raises(ValueError, match="not an unencrypted PEM private key"):
+        SigningKey.from_pem("RS256", b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n")
+
+
+# --- issuers -------------------------------------------------------------------------------------
+
+
+def test_access_tokens_name_the_issuer_url_unless_jwt_issuer_is_set(
+    tmp_path: Path, pems: dict[str, str]
+) -> None:
+    codec = make_codec(tmp_path, pems, PUBLIC_BASE_URL="https://id.example.com/")
+    claims = segments(codec.issue(USER_ID, SESSION_ID, "user")[0])[1]
+    assert claims["iss"] == "https://id.example.com"  # exactly the OpenID Connect issuer
+
+    legacy = make_codec(tmp_path, pems, JWT_ISSUER="user-management-service")
+    token, _ = legacy.issue(USER_ID, SESSION_ID, "user")
+    assert legacy.decode(token).iss == "user-management-service"
+    assert segments(legacy.issue_client_token("reports", "users:read")[0])[1]["iss"] == (
+        "user-management-service"
+    )
+    # ID tokens always name the issuer URL, whatever JWT_ISSUER says.
+    id_token = legacy.issue_id_token({"sub": str(USER_ID), "aud": "web-app"})
+    assert segments(id_token)[1]["iss"] == ISSUER
+
+
+# --- the key ring --------------------------------------------------------------------------------
+
+
+def test_a_published_key_verifies_after_the_active_key_changes(
+    tmp_path: Path, pems: dict[str, str]
+) -> None:
+    codec = make_codec(tmp_path, pems)
+    old = codec.signing_key
+    new = SigningKey.from_pem("ES256", pems["ES256"].encode())
+    before, _ = codec.issue(USER_ID, SESSION_ID, "user")
+
+    codec.set_keys(new, [new, old])
+    assert codec.signing_key is new
+    after, _ = codec.issue(USER_ID, SESSION_ID, "user")
+    assert segments(after)[0] == {"alg": "ES256", "kid": new.kid, "typ": "JWT"}
+    assert codec.decode(before).sub == codec.decode(after).sub == str(USER_ID)
+    assert [jwk["kid"] for jwk in codec.jwks()["keys"]] == [new.kid, old.kid]  # active first
+
+    # Once the old key is no longer published, its tokens are refused.
+    codec.set_keys(new, [new])
+    assert_refused(codec, before, "unknown signing key")
+    assert codec.decode(after)
+
+
+def test_the_active_key_always_verifies(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems)
+    new = SigningKey.from_pem("EdDSA", pems["EdDSA"].encode())
+    codec.set_keys(new, [])  # a caller forgot it: it is published all the same
+    assert [key.kid for key in codec.published_keys] == [new.kid]
+    assert codec.decode(codec.issue(USER_ID, SESSION_ID, "user")[0])
+
+
+def test_each_key_keeps_its_own_algorithm(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems)  # RS256
+    rsa_key = codec.signing_key
+    ec_key = SigningKey.from_pem("ES256", pems["ES256"].encode())
+    codec.set_keys(ec_key, [ec_key, rsa_key])
+    claims = valid_claims(codec)
+    # An RS256 signature presented under the EC key's kid, and the reverse.
+    relabelled = jwt.encode(
+        claims, rsa_key.private_key, algorithm="RS256", headers={"kid": ec_key.kid}
+    )
+    assert_refused(codec, relabelled, "algorithm not allowed")
+    swapped = jwt.encode(
+        claims, ec_key.private_key, algorithm="ES256", headers={"kid": rsa_key.kid}
+    )
+    assert_refused(codec, swapped, "algorithm not allowed")
+    # The HMAC confusion with the public key of a key that is published but not active.
+    public_pem = rsa_key.public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    header = {"alg": "HS256", "typ": "JWT", "kid": rsa_key.kid}
+    signing_input = f"{b64url_json(header)}.{b64url_json(claims)}"
+    mac = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    assert_refused(codec, f"{signing_input}.{b64url(mac)}", "algorithm not allowed")
+
+
+@pytest.mark.parametrize(
+    ("alg", "kid", "reason"),
+    [(["RS256"], "ours", "algorithm not allowed"), ("RS256", ["ours"], "malformed token")],
+)
+def test_header_values_of_the_wrong_type_are_refused(
+    tmp_path: Path, pems: dict[str, str], alg: Any, kid: Any, reason: str
+) -> None:
+    codec = make_codec(tmp_path, pems)
+    ours = codec.signing_key.kid
+    header = {"alg": alg, "kid": [ours] if isinstance(kid, list) else ours}
+    token = f"{b64url_json(header)}.{b64url_json(valid_claims(codec))}.c2ln"
+    assert_refused(codec, token, reason)
+
+
+# --- OAuth claims in access tokens ---------------------------------------------------------------
+
+
+def test_oauth_claims_appear_only_when_given(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems)
+    plain = codec.issue(USER_ID, SESSION_ID, "user")[0]
+    assert not {"client_id", "scope", "amr"} & segments(plain)[1].keys()
+    claims = codec.decode(plain)
+    assert (claims.client_id, claims.scope, claims.amr) == (None, None, ())
+
+    token, _ = codec.issue(
+        USER_ID, SESSION_ID, "user", client_id="web-app", scope="openid email", amr=["pwd", "otp"]
+    )
+    payload = segments(token)[1]
+    assert (payload["client_id"], payload["scope"], payload["amr"]) == (
+        "web-app",
+        "openid email",
+        ["pwd", "otp"],
+    )
+    claims = codec.decode(token)
+    assert (claims.client_id, claims.scope, claims.amr) == (
+        "web-app",
+        "openid email",
+        ("pwd", "otp"),
+    )
+
+
+@pytest.mark.parametrize(
+    "extra", [{"client_id": 7}, {"scope": ["openid"]}, {"amr": "pwd"}, {"amr": ["pwd", 1]}]
+)
+def test_oauth_claims_of_the_wrong_type_are_refused(
+    tmp_path: Path, pems: dict[str, str], extra: dict[str, Any]
+) -> None:
+    codec = make_codec(tmp_path, pems)
+    key = codec.signing_key
+    token = jwt.encode(
+        {**valid_claims(codec), **extra},
+        key.private_key,
+        algorithm="RS256",
+        headers={"kid": key.kid},
+    )
+    assert_refused(codec, token, "invalid claims")
+
+
+# --- client-credentials tokens -------------------------------------------------------------------
+
+
+def test_client_token_round_trip(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems, ACCESS_TOKEN_EXPIRE_MINUTES=5)
+    token, expires_in = codec.issue_client_token("reports", "users:read users:write")
+    assert expires_in == 300
+    header, payload, _ = segments(token)
+    assert header["kid"] == codec.signing_key.kid
+    assert set(payload) == {"iss", "aud", "sub", "client_id", "scope", "iat", "exp", "jti"}
+    assert (payload["iss"], payload["aud"]) == (ISSUER, AUDIENCE)
+
+    claims = codec.decode_client_token(token)
+    assert isinstance(claims, ClientTokenClaims)
+    assert (claims.sub, claims.client_id, claims.scope) == (
+        "reports",
+        "reports",
+        "users:read users:write",
+    )
+    assert claims.exp - claims.iat == 300
+    assert claims.jti == payload["jti"]
+
+
+def test_client_and_user_tokens_are_not_interchangeable(
+    tmp_path: Path, pems: dict[str, str]
+) -> None:
+    codec = make_codec(tmp_path, pems)
+    client_token, _ = codec.issue_client_token("reports", "users:read")
+    assert_refused(codec, client_token, "missing claim sid")
+
+    user_token, _ = codec.issue(USER_ID, SESSION_ID, "user", client_id="web-app", scope="openid")
+    with pytest.raises(TokenError, match="not a client token"):
+        codec.decode_client_token(user_token)
+
+
+def test_client_token_checks(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems)
+    expired, _ = codec.issue_client_token(
+        "reports", "users:read", now=datetime.now(UTC) - timedelta(hours=1)
+    )
+    with pytest.raises(TokenError, match="token expired"):
+        codec.decode_client_token(expired)
+
+    key = codec.signing_key
+    claims = segments(codec.issue_client_token("reports", "users:read")[0])[1]
+    for forged in ({**claims, "sub": "someone-else"}, {**claims, "scope": ["users:read"]}):
+        token = jwt.encode(forged, key.private_key, algorithm="RS256", headers={"kid": key.kid})
+        with pytest.raises(TokenError, match="invalid claims"):
+            codec.decode_client_token(token)
+    foreign = make_codec(tmp_path, pems, JWT_AUDIENCE="billing-service")
+    with pytest.raises(TokenError, match="wrong audience"):
+        codec.decode_client_token(foreign.issue_client_token("reports", "users:read")[0])
+
+
+# --- ID tokens -----------------------------------------------------------------------------------
+
+
+def id_claims() -> dict[str, Any]:
+    return {
+        "sub": str(USER_ID),
+        "aud": "web-app",
+        "nonce": "n-0S6_WzA2Mj",
+        "auth_time": 1_700_000_000,
+        "amr": ["pwd"],
+        "sid": str(SESSION_ID),
+        "email": "ada@example.com",
+    }
+
+
+def test_id_token_carries_the_callers_claims(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems, "ES256", ID_TOKEN_EXPIRE_MINUTES=10)
+    now = datetime.now(UTC)
+    token = codec.issue_id_token({**id_claims(), "iss": "https://evil.example"}, now=now)
+    header, payload, _ = segments(token)
+    assert (header["alg"], header["kid"]) == ("ES256", codec.signing_key.kid)
+    assert payload == {
+        **id_claims(),
+        "iss": ISSUER,  # ours to set
+        "iat": int(now.timestamp()),
+        "exp": int(now.timestamp()) + 600,
+    }
+    # Verifiable by a relying party with the JWKS alone.
+    jwk = jwt.PyJWK(codec.jwks()["keys"][0])
+    assert jwt.decode(token, jwk, algorithms=["ES256"], audience="web-app", issuer=ISSUER)
+
+
+def test_an_id_token_is_not_an_access_token(tmp_path: Path, pems: dict[str, str]) -> None:
+    codec = make_codec(tmp_path, pems)
+    token = codec.issue_id_token({**id_claims(), "aud": AUDIENCE})
+    with pytest.raises(TokenError):
+        codec.decode(token)
+    with pytest.raises(TokenError):
+        codec.decode_client_token(token)
+
+
+def test_id_token_hint_may_be_expired_but_must_be_ours(
+    tmp_path: Path, pems: dict[str, str]
+) -> None:
+    codec = make_codec(tmp_path, pems)
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    hint = codec.issue_id_token(id_claims(), now=long_ago)
+    claims = codec.decode_id_token_hint(hint)
+    assert (claims["sub"], claims["sid"], claims["aud"]) == (
+        str(USER_ID),
+        str(SESSION_ID),
+        "web-app",
+    )
+
+    # Signed by a key the ring once published: still accepted while it is published.
+    old = codec.signing_key
+    new = SigningKey.from_pem("EdDSA", pems["EdDSA"].encode())
+    codec.set_keys(new, [new, old])
+    assert codec.decode_id_token_hint(hint)["sub"] == str(USER_ID)
+
+    other_issuer = make_codec(tmp_path, pems, PUBLIC_BASE_URL="https://elsewhere.example")
+    with pytest.raises(TokenError, match="wrong issuer"):
+        codec.decode_id_token_hint(other_issuer.issue_id_token(id_claims()))
+    stranger = AccessTokenCodec(generate_signing_key("RS256"), make_settings(tmp_path))
+    with pytest.raises(TokenError, match="unknown signing key"):
+        codec.decode_id_token_hint(stranger.issue_id_token(id_claims()))
+    header, payload, signature = hint.split(".")
+    forged = f"{header}.{b64url_json({**segments(hint)[1], 'sub': 'someone'})}.{signature}"
+    with pytest.raises(TokenError, match="invalid signature"):
+        codec.decode_id_token_hint(forged)
+    none = f"{b64url_json({'alg': 'none', 'kid': old.kid})}.{payload}."
+    with pytest.raises(TokenError, match="algorithm not allowed"):
+        codec.decode_id_token_hint(none)

@@ -2,8 +2,9 @@
 
 Order (README.md, "Start-up, shut-down and degradation"): keys and the hashing pool first (a
 missing production secret stops us before any I/O), then the database (the only dependency whose
-absence stops start-up), then Redis and Kafka together, then background work. Shut-down runs in
-reverse. ``src.config.events`` (the specification's place for these handlers) calls in here.
+absence stops start-up) and the signing key ring in it, then Redis and Kafka together, then
+background work. Shut-down runs in reverse. ``src.config.events`` (the specification's place for
+these handlers) calls in here.
 """
 
 from __future__ import annotations
@@ -18,11 +19,19 @@ from src.app.container import AppServices
 from src.app.health import HealthShares
 from src.auth.account import ensure_first_admin
 from src.auth.context import Security
-from src.auth.jwt import AccessTokenCodec, load_signing_key
+from src.auth.jwt import AccessTokenCodec, SigningKey, load_signing_key
+from src.auth.keys import KeyRingError, ensure_keys, load_keys
 from src.auth.passwords import PasswordHasher
 from src.auth.rate_limit import LoginGuard, RequestThrottle
 from src.config.settings import Settings
-from src.db.session import check_database, create_engine, create_sessionmaker, migration_status
+from src.db.session import (
+    check_database,
+    close_session,
+    create_engine,
+    create_sessionmaker,
+    describe,
+    migration_status,
+)
 from src.events.audit import AuditConsumer
 from src.events.outbox import OUTBOX_SIGNAL
 from src.events.relay import OutboxRelay, keep_outbox_tidy
@@ -46,7 +55,13 @@ logger = logging.getLogger(__name__)
 
 
 class StartupError(RuntimeError):
-    """The service cannot start: the database is unreachable or not migrated."""
+    """The service cannot start: the database is unreachable or not migrated, or the signing
+    keys in it cannot be used."""
+
+
+# Reading the key ring takes a few statements (each bounded by DATABASE_COMMAND_TIMEOUT) and, the
+# first time, one key generation (RSA: ~25 ms): far less than this, which only rules out a hang.
+KEY_RING_TIMEOUT = 10.0
 
 
 def build_security(app: FastAPI, settings: Settings, connections: Connections) -> Security:
@@ -96,6 +111,64 @@ async def _check_database(engine: AsyncEngine, settings: Settings) -> None:
     logger.info("Database connected (%s)", engine.url.get_backend_name())
 
 
+def _key_ring_failure(exc: Exception) -> str:
+    """What went wrong, in words safe for a log line: never SQL parameters, never a key."""
+    if isinstance(exc, KeyRingError):
+        return str(exc)
+    if isinstance(exc, TimeoutError):
+        return f"timed out ({KEY_RING_TIMEOUT:g}s)"
+    return describe(exc)
+
+
+async def _load_signing_keys(services: AppServices) -> None:
+    """Every instance signs with the key ring in the database (``src.auth.keys``); the seed key
+    the codec was built with only starts an empty ring."""
+    settings, security = services.settings, services.security
+    seed = security.tokens.signing_key
+    db = services.sessionmaker()
+    try:
+        async with asyncio.timeout(KEY_RING_TIMEOUT):
+            await ensure_keys(db, security.sealer, settings, seed)
+            active, published = await load_keys(db, security.sealer, known=[seed])
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot start"
+        raise StartupError(f"signing keys unavailable: {_key_ring_failure(exc)}") from None
+    finally:
+        await close_session(db, settings.DATABASE_CLOSE_TIMEOUT)
+    security.tokens.set_keys(active, published)
+    logger.info("Signing with key %s (%d keys published)", active.kid, len(published))
+
+
+async def _reload_signing_keys(services: AppServices) -> tuple[SigningKey, list[SigningKey]]:
+    security, tokens = services.security, services.security.tokens
+    db = services.sessionmaker()
+    try:
+        async with asyncio.timeout(KEY_RING_TIMEOUT):
+            return await load_keys(db, security.sealer, known=tokens.published_keys)
+    finally:
+        await close_session(db, services.settings.DATABASE_CLOSE_TIMEOUT)
+
+
+async def refresh_signing_keys(services: AppServices) -> None:
+    """Re-read the key ring every SIGNING_KEY_REFRESH_SECONDS: after a rotation every instance
+    signs with the new key within that bound (``keys rotate`` waits for it). A failed read keeps
+    the keys this instance has: they go on working, and the next read may succeed."""
+    tokens = services.security.tokens
+    while True:
+        await asyncio.sleep(services.settings.SIGNING_KEY_REFRESH_SECONDS)
+        try:
+            active, published = await _reload_signing_keys(services)
+        except Exception as exc:  # noqa: BLE001 - logged; the keys we have still work
+            logger.warning(
+                "Signing keys not refreshed, still signing with %s: %s",
+                tokens.signing_key.kid,
+                _key_ring_failure(exc),
+            )
+            continue
+        if active.kid != tokens.signing_key.kid:
+            logger.info("Signing with key %s from now on", active.kid)
+        tokens.set_keys(active, published)
+
+
 async def start(app: FastAPI) -> None:
     """Build ``app.state.services`` and start everything; on failure ``stop`` undoes the rest."""
     settings: Settings = app.state.settings
@@ -116,6 +189,7 @@ async def start(app: FastAPI) -> None:
         health=HealthShares(),
     )
     await _check_database(engine, settings)
+    await _load_signing_keys(services)
     # Redis and Kafka connect concurrently: each is bounded, neither can stop start-up.
     await asyncio.gather(initialize_redis_connection(app), initialize_kafka_connection(app))
     async with services.sessionmaker() as db:
@@ -125,9 +199,11 @@ async def start(app: FastAPI) -> None:
 
 
 def _start_background_work(app: FastAPI, services: AppServices) -> None:
-    """The supervisor, the outbox relay, the audit consumer and the mail courier; they wait
-    quietly while Kafka is unavailable (the courier reads the outbox itself when Kafka is off)."""
+    """The signing key refresh, the supervisor, the outbox relay, the audit consumer and the mail
+    courier; they wait quietly while Kafka is unavailable (the courier reads the outbox itself
+    when Kafka is off)."""
     settings, tasks = services.settings, services.tasks
+    tasks.append(asyncio.create_task(refresh_signing_keys(services), name="signing-key-refresh"))
 
     def kafka() -> KafkaManager | None:
         return get_kafka_from_app(app)

@@ -1,8 +1,9 @@
 """``python -m src clients``: register, list and delete OAuth clients from the operator's shell.
 
 The same rules and the same events as the admin API (``src.oauth.clients``); the actor is nobody
-(``actor_id`` null), since the shell has no signed-in user. Exit codes: 0 done, 1 refused (the
-reason on stderr), 2 bad usage (argparse's own code, kept for values the rules refuse too).
+(``actor_id`` null), since the shell has no signed-in user. Exit codes: 0 done; 1 refused (the
+reason on stderr: a client_id taken or unknown, the database unreachable); 2 bad usage
+(argparse's own code, kept for any value the registration rules refuse).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.config.settings import Settings, load_settings
 from src.db.session import DATABASE_UNAVAILABLE, create_engine, create_sessionmaker, describe
-from src.errors import DomainError
+from src.errors import DomainError, InvalidInput
 from src.oauth import clients as client_service
 from src.oauth.schemas import ClientCreate
 from src.services.redis_client import create_redis_client
@@ -142,12 +143,15 @@ async def _connected() -> AsyncIterator[tuple[async_sessionmaker[AsyncSession], 
 
 
 async def _run(work: Callable[[AsyncSession, _Deps], Awaitable[int]]) -> int:
-    """Run ``work`` in one session; a refusal or an unreachable database is exit code 1."""
+    """Run ``work`` in one session: a value the rules refuse is exit code 2 (like any other bad
+    usage), a refusal by the database's state (taken, not found) or an unreachable database 1."""
     try:
         async with _connected() as (sessions, deps), sessions() as db:
             return await work(db, deps)
+    except InvalidInput as exc:
+        return _fail(f"invalid: {exc.detail}{_field_errors(exc.extra)}", USAGE)
     except DomainError as exc:
-        return _fail(f"refused: {exc.detail}{_field_errors(exc.extra)}")
+        return _fail(f"refused: {exc.detail}")
     except DATABASE_UNAVAILABLE as exc:
         return _fail(f"the database is unavailable: {describe(exc)}")
 

@@ -240,9 +240,9 @@ async def authenticate_client(
     db: AsyncSession, client_id: str | None, client_secret: str | None
 ) -> OAuthClient:
     """The client making a token request: a confidential one must prove it with its secret, a
-    public one must send none (or an empty one). Raises ``OAuthError("invalid_client", ..., 401)`` otherwise, with
-    the same answer (and the same work: one hash, one comparison) for an unknown client and a
-    wrong secret.
+    public one must send none (or an empty one). Raises ``OAuthError("invalid_client", ...,
+    401)`` otherwise, with the same answer (and the same work: one hash, one comparison) for an
+    unknown client and a wrong secret.
 
     The client's row is share-locked (``FOR KEY SHARE``) until the caller's transaction ends: a
     deletion running meanwhile waits for it, so it sees, and revokes, any session this request
@@ -415,7 +415,7 @@ async def update_client(
 
 async def rotate_secret(
     db: AsyncSession, sec: ClientDeps, client_id: str, *, actor_id: uuid.UUID | None
-) -> tuple[OAuthClient, str]:
+) -> str:
     """Give a confidential client a new secret (shown once); the old one stops working now."""
     client = await find_client(db, client_id)
     if client.client_type != "confidential":
@@ -426,7 +426,7 @@ async def rotate_secret(
     _record(db, sec, EventType.CLIENT_SECRET_ROTATED, client, actor_id)
     await db.commit()
     logger.info("client secret rotated: client=%s actor=%s", client_id, actor_id)
-    return client, secret
+    return secret
 
 
 async def delete_client(

@@ -23,7 +23,9 @@ from src.config.settings import Settings
 CSRF_FIELD = "csrf_token"
 # secrets.token_urlsafe(32): 43 characters of base64url. Anything else is not ours.
 _WELL_FORMED = re.compile(r"[A-Za-z0-9_-]{43}")
-_NEW_TOKEN_ATTRIBUTE = "new_csrf_token"
+# Where a request keeps the token it made. In the request's own scope, not in request.state: that
+# is the lifespan state, which a server may share between requests rather than copy.
+_NEW_TOKEN_KEY = "ums.new_csrf_token"
 
 
 class CsrfError(Exception):
@@ -51,16 +53,16 @@ def csrf_token(request: Request) -> str:
     existing = _cookie_token(request)
     if existing is not None:
         return existing
-    fresh: str | None = getattr(request.state, _NEW_TOKEN_ATTRIBUTE, None)
+    fresh: str | None = request.scope.get(_NEW_TOKEN_KEY)
     if fresh is None:
         fresh = secrets.token_urlsafe(32)
-        setattr(request.state, _NEW_TOKEN_ATTRIBUTE, fresh)
+        request.scope[_NEW_TOKEN_KEY] = fresh
     return fresh
 
 
 def new_csrf_token(request: Request) -> str | None:
     """The token ``csrf_token`` made for this request, if it had to make one (to set as cookie)."""
-    token: str | None = getattr(request.state, _NEW_TOKEN_ATTRIBUTE, None)
+    token: str | None = request.scope.get(_NEW_TOKEN_KEY)
     return token
 
 

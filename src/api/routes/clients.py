@@ -96,5 +96,5 @@ async def rotate_secret(
     client_id: str, admin: AdminUser, db: SessionDep, sec: SecurityDep
 ) -> ClientWithSecret:
     """A new secret for a confidential client, shown once; the old one stops working now."""
-    client, secret = await client_service.rotate_secret(db, sec, client_id, actor_id=admin.id)
-    return _with_secret(client, secret)
+    secret = await client_service.rotate_secret(db, sec, client_id, actor_id=admin.id)
+    return _with_secret(await client_service.find_client(db, client_id), secret)

@@ -1,4 +1,4 @@
-"""``/.well-known/jwks.json``: the public keys other services verify access tokens with."""
+"""``/.well-known/jwks.json``: the public keys other services verify our tokens with."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ router = APIRouter(prefix="/.well-known", tags=["auth"])
 
 @router.get("/jwks.json")
 async def jwks(sec: SecurityDep, response: Response) -> dict[str, Any]:
-    # Keys change rarely; a short cache keeps verifiers fast without delaying a rotation long.
-    response.headers["Cache-Control"] = "public, max-age=300"
+    # Every published key: the active one, the next one (published ahead of use for at least
+    # this max-age, so a cached copy always knows the key a fresh token names), and retired ones
+    # whose tokens may still be live (docs/signing-keys.md).
+    max_age = sec.settings.JWKS_MAX_AGE_SECONDS
+    response.headers["Cache-Control"] = f"public, max-age={max_age}"
     return sec.tokens.jwks()

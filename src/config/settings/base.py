@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     # key is generated once and kept under DATA_DIR.
     JWT_PRIVATE_KEY: SecretStr | None = None
     JWT_PRIVATE_KEY_FILE: Path | None = None
-    JWT_ISSUER: str = "user-management-service"
+    JWT_ISSUER: str | None = None
     JWT_AUDIENCE: str = "user-management-service"
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(default=15, ge=1, le=1440)
     # Clock skew tolerated when checking a token's exp and iat (seconds).
@@ -325,6 +325,11 @@ class Settings(BaseSettings):
     def issuer(self) -> str:
         """The OpenID Connect issuer: the public URL, exactly as discovery and ID tokens say."""
         return self.PUBLIC_BASE_URL.rstrip("/")
+
+    @property
+    def access_token_issuer(self) -> str:
+        """The ``iss`` of access tokens: JWT_ISSUER when set, else the issuer URL."""
+        return self.JWT_ISSUER or self.issuer
 
     @property
     def secure_cookies(self) -> bool:
