@@ -232,9 +232,14 @@ def operations(doc: dict[str, Any]) -> list[Operation]:
     return found
 
 
+OAUTH_ENDPOINTS = frozenset({"/oauth2/token", "/oauth2/revoke", "/oauth2/introspect"})
+
+
 def token_endpoints(doc: dict[str, Any]) -> set[str]:
-    """The OAuth2 token URLs the document declares (their errors are RFC 6749, not RFC 9457)."""
-    urls = set()
+    """The OAuth2 endpoints of the document (their errors are RFC 6749, not RFC 9457): the token
+    URL its security scheme declares, and the provider's token, revocation and introspection
+    endpoints."""
+    urls = {path for path in doc.get("paths", {}) if path in OAUTH_ENDPOINTS}
     for scheme in doc.get("components", {}).get("securitySchemes", {}).values():
         for flow in scheme.get("flows", {}).values():
             if "tokenUrl" in flow:
@@ -428,6 +433,7 @@ class World:
     user: Account
     target: Account
     spare_session: str  # another session of the user: a real id for {session_id}
+    client_id: str  # a registered OAuth client: a real id for {client_id}
 
     def caller(self, op: Operation) -> Account | None:
         """Nobody for open operations; the user for its own account (``/me``); else the admin."""
@@ -440,7 +446,14 @@ class World:
             return self.target.id
         if name == "session_id":
             return self.spare_session
+        if name == "client_id":
+            return self.client_id
         pytest.fail(f"{op.label}: no valid value known for path parameter {{{name}}}; add one")
+
+
+# Optional in the schema, yet needed for the request to be valid: a client with the default grant
+# (authorization_code) must register a redirect URI.
+SENT_WHEN_OPTIONAL = frozenset({"redirect_uris"})
 
 
 def _valid_json(param: Param) -> Any:
@@ -453,6 +466,8 @@ def _valid_json(param: Param) -> Any:
         return unique_email("bad-input")
     if param.name == "token":
         return f"no-such-token-{uuid.uuid4().hex}"
+    if param.name == "redirect_uris":
+        return ["https://app.example.com/callback"]
     branches: list[dict[str, Any]] = param.schema.get("anyOf", [param.schema])
     schema = next((b for b in branches if b.get("type") != "null"), {})
     if "enum" in schema:
@@ -513,7 +528,7 @@ def build_case(
         return bad.value if bad is not None and param == target else valid
 
     def sent(param: Param) -> bool:
-        return param.required or param == target
+        return param.required or param == target or param.name in SENT_WHEN_OPTIONAL
 
     path = op.path
     for param in op.of("path"):
@@ -662,11 +677,18 @@ async def _world(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> Wo
     user, user_headers = await signed_in(client)
     spare = await login(client, user["email"])
     target = await admin_creates(client, admin_headers, full_name="Target")
+    registered = await client.post(
+        f"{API}/clients",
+        json={"name": "Bad input", "redirect_uris": ["https://app.example.com/callback"]},
+        headers=admin_headers,
+    )
+    assert registered.status_code == 201, registered.text
     return World(
         admin=Account(me.json()["id"], me.json()["email"], admin_headers),
         user=Account(user["id"], user["email"], user_headers),
         target=Account(target["id"], target["email"], {}),
         spare_session=session_of(spare),
+        client_id=registered.json()["client_id"],
     )
 
 

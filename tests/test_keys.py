@@ -17,7 +17,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,6 +30,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.app.container import app_services
+from src.app.wiring import StartupError
 from src.auth.jwt import (
     AccessTokenCodec,
     SigningKey,
@@ -57,7 +58,7 @@ from src.db.session import create_engine, create_sessionmaker
 from src.db.types import utcnow
 from src.security.sealing import Sealer, UnsealError, load_sealer, new_key
 from tests.conftest import SettingsFactory
-from tests.support.app import bearer, eventually, login, register, running_app
+from tests.support.app import BOUND, bearer, eventually, login, register, running_app
 from tests.support.auth import QUICK_SETTINGS
 from tests.support.servers import free_port
 
@@ -111,22 +112,33 @@ def seed(settings: Settings) -> SigningKey:
 
 
 async def _ensure(
-    sessions: Sessions, sealer: Sealer, settings: Settings, seed: SigningKey, **kw: object
+    sessions: Sessions,
+    sealer: Sealer,
+    settings: Settings,
+    seed: SigningKey,
+    now: datetime | None = None,
 ) -> None:
     async with sessions() as db:
-        await ensure_keys(db, sealer, settings, seed, **kw)  # type: ignore[arg-type]
+        await ensure_keys(db, sealer, settings, seed, now=now)
 
 
 async def _load(
-    sessions: Sessions, sealer: Sealer, **kw: object
+    sessions: Sessions, sealer: Sealer, now: datetime | None = None
 ) -> tuple[SigningKey, list[SigningKey]]:
     async with sessions() as db:
-        return await load_keys(db, sealer, **kw)  # type: ignore[arg-type]
+        return await load_keys(db, sealer, now=now)
 
 
-async def _rotate(sessions: Sessions, sealer: Sealer, settings: Settings, **kw: object) -> Rotation:
+async def _rotate(
+    sessions: Sessions,
+    sealer: Sealer,
+    settings: Settings,
+    *,
+    force: bool = False,
+    now: datetime | None = None,
+) -> Rotation:
     async with sessions() as db:
-        return await rotate(db, sealer, settings, **kw)  # type: ignore[arg-type]
+        return await rotate(db, sealer, settings, force=force, now=now)
 
 
 async def _states(sessions: Sessions) -> dict[str, list[str]]:
@@ -463,6 +475,33 @@ async def test_a_failed_refresh_keeps_the_keys_and_a_later_one_picks_up_a_rotati
             assert (await client.get("/api/v1/users/me", headers=bearer(token))).status_code == 200
 
 
+def _startup_error(exc: BaseException) -> StartupError | None:
+    """The ``StartupError`` inside whatever the lifespan machinery wrapped it in."""
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _startup_error(inner)
+            if found is not None:
+                return found
+    cause = exc.__cause__ or exc.__context__
+    return _startup_error(cause) if cause is not None else None
+
+
+async def test_production_does_not_start_with_keys_it_cannot_open(
+    sessions: Sessions, sealer: Sealer, make_settings: SettingsFactory, seed: SigningKey
+) -> None:
+    production = make_settings(**QUICK_SETTINGS, ENVIRONMENT="production", ENCRYPTION_KEY=new_key())
+    await _ensure(sessions, sealer, production, seed)  # sealed with another ENCRYPTION_KEY
+    with pytest.raises(BaseException) as excinfo:  # whatever wraps it: inspected below
+        async with asyncio.timeout(BOUND), running_app(production):
+            pass
+    error = _startup_error(excinfo.value)
+    assert error is not None, repr(excinfo.value)
+    assert str(error).startswith("signing keys unavailable: signing key ")
+    assert "does not open with ENCRYPTION_KEY" in str(error)
+
+
 # --- processes: two service instances, and the keys command --------------------------------------
 
 
@@ -572,8 +611,8 @@ async def test_two_service_processes_agree_on_the_key_and_follow_a_rotation(
         _service(env("b"), tmp_path, tmp_path / "b.log") as b,
     ):
         async with a, b:
-            for service in (a, b):
-                await eventually(lambda s=service: _live(s), timeout=60, interval=0.2)
+            await eventually(lambda: _live(a), timeout=60, interval=0.2)
+            await eventually(lambda: _live(b), timeout=60, interval=0.2)
             published = await _jwks_kids(a)
             assert len(published) == 2 and await _jwks_kids(b) == published
             email = (await register(a))["email"]

@@ -144,7 +144,7 @@ def _is_published(record: SigningKeyRecord, now: datetime) -> bool:
 
 def _display_order(record: SigningKeyRecord) -> tuple[int, float]:
     # Active, next, then retired keys newest first.
-    return _STATE_ORDER.get(record.state, len(_STATE_ORDER)), -record.created_at.timestamp()
+    return _STATE_ORDER[record.state], -record.created_at.timestamp()
 
 
 def _oldest(records: Iterable[SigningKeyRecord], state: str) -> SigningKeyRecord | None:

@@ -51,7 +51,6 @@ SCOPES: dict[str, str] = {
     "offline_access": "Stay signed in (keep access when you are not using the app)",
 }
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", "password")
-CLIENT_TYPES = ("confidential", "public")
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9._~-]{1,64}$"
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN, re.ASCII)

@@ -7,12 +7,13 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from src.web import oauth_pages, pages
+from src.web.oauth_pages import router as oauth_router
+from src.web.pages import router as account_router
 
 STATIC = Path(__file__).resolve().parent / "static"
 
 
 def install_pages(app: FastAPI) -> None:
-    app.include_router(oauth_pages.router)
-    app.include_router(pages.router)
+    app.include_router(oauth_router)
+    app.include_router(account_router)
     app.mount("/assets", StaticFiles(directory=STATIC), name="assets")

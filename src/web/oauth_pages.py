@@ -159,7 +159,9 @@ def _signin_page(
             "signup_url": (f"/account/signup?{query}" if query else "/account/signup")
             if settings.SELF_REGISTRATION_ENABLED
             else None,
-            "forgot_url": "/account/forgot-password",
+            "forgot_url": f"/account/forgot-password?{query}"
+            if query
+            else "/account/forgot-password",
         },
         status=status,
         # The sign-in may end in a redirect back to the application.

@@ -11,7 +11,6 @@ page whose form ends in a redirect to an application (its redirect URI) must lis
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
 from collections.abc import Callable, Coroutine, Sequence
 from functools import cache
@@ -29,8 +28,6 @@ from src.auth.browser import cookie_name as session_cookie_name
 from src.config.settings import Settings
 from src.errors import DomainError
 from src.web.csrf import CsrfError, csrf_token, new_csrf_token, set_csrf_cookie
-
-logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 ASSETS_PATH = "/assets"

@@ -30,6 +30,7 @@ from tests.support.auth import (
     session_of,
     unverified_claims,
 )
+from tests.support.oidc import register_client
 
 
 def _b64(data: bytes) -> str:
@@ -166,8 +167,10 @@ async def test_jwks_verifies_an_issued_token(app: App) -> None:
     assert response.status_code == 200
     assert "max-age" in response.headers["cache-control"]
     keys = response.json()["keys"]
-    assert len(keys) == 1
-    jwk = keys[0]
+    kid = jwt.get_unverified_header(tokens["access_token"])["kid"]
+    # The signing key, and the next one, published ahead of its use (docs/signing-keys.md).
+    assert len(keys) == 2 and kid in {key["kid"] for key in keys}
+    jwk = next(key for key in keys if key["kid"] == kid)
     assert (jwk["kty"], jwk["alg"], jwk["use"]) == ("RSA", "RS256", "sig")
     assert not {"d", "p", "q", "dp", "dq", "qi"} & jwk.keys(), "private members published"
     assert jwk["kid"] == jwt.get_unverified_header(tokens["access_token"])["kid"]
@@ -178,7 +181,7 @@ async def test_jwks_verifies_an_issued_token(app: App) -> None:
         jwt.PyJWK(jwk).key,
         algorithms=[jwk["alg"]],
         audience=settings.JWT_AUDIENCE,
-        issuer=settings.JWT_ISSUER,
+        issuer=settings.JWT_ISSUER or settings.issuer,
     )
     assert claims["sub"] == user["id"]
     # And it is the public half of the key the service signs with: a forged token fails.
@@ -194,8 +197,12 @@ async def test_jwks_verifies_an_issued_token(app: App) -> None:
 async def test_a_stock_oauth2_client_signs_in_refreshes_and_calls_the_api(app: App) -> None:
     fastapi_app, client = app
     user = await register(client)
+    await register_client(fastapi_app, "cli")
     async with AsyncOAuth2Client(
-        transport=httpx.ASGITransport(app=fastapi_app), base_url="http://test"
+        client_id="cli",
+        token_endpoint_auth_method="none",
+        transport=httpx.ASGITransport(app=fastapi_app),
+        base_url="http://test",
     ) as oauth:
         token = await oauth.fetch_token(
             f"http://test{TOKEN_URL}", username=user["email"], password=PASSWORD
@@ -245,8 +252,10 @@ async def _grant(client: httpx.AsyncClient, **form: str) -> httpx.Response:
 
 
 async def test_refresh_tokens_work_only_for_the_client_that_obtained_them(app: App) -> None:
-    _, client = app
+    fastapi_app, client = app
     user = await register(client)
+    await register_client(fastapi_app, "web")
+    await register_client(fastapi_app, "mobile")
     signed_in = await _grant(
         client, grant_type="password", username=user["email"], password=PASSWORD, client_id="web"
     )

@@ -363,7 +363,7 @@ async def test_consent_is_asked_once_and_deny_goes_back_as_access_denied(
     _, client, admin = provider
     registered = await create_client(client, admin, first_party=False, name="Third party")
     email = await new_user(client)
-    verifier, challenge = pkce_pair()
+    _, challenge = pkce_pair()
     query = authorize_query(registered["client_id"], challenge, state="st")
     consent_page = await sign_in(client, query, email, PASSWORD)
     assert consent_page.status_code == 200
@@ -399,7 +399,9 @@ async def test_client_credentials_for_confidential_clients_only(
         first_party=False,
     )
     creds = (service["client_id"], service["client_secret"])
-    answer = await client.post("/oauth2/token", data={"grant_type": "client_credentials"}, auth=creds)
+    answer = await client.post(
+        "/oauth2/token", data={"grant_type": "client_credentials"}, auth=creds
+    )
     assert answer.status_code == 200, answer.text
     token = answer.json()
     assert "refresh_token" not in token and "id_token" not in token
@@ -510,7 +512,9 @@ async def test_revocation_ends_the_session_of_that_client_only(
     )
     assert answer.status_code == 200
     assert (await introspect(client, creds, tokens["access_token"]))["active"] is False
-    assert (await client.post("/oauth2/revoke", data={"token": "unknown"}, auth=creds)).status_code == 200
+    assert (
+        await client.post("/oauth2/revoke", data={"token": "unknown"}, auth=creds)
+    ).status_code == 200
     assert (await client.post("/oauth2/revoke", data={}, auth=creds)).status_code == 400
 
 
@@ -527,13 +531,20 @@ async def test_rp_initiated_logout_ends_the_sign_in_and_what_came_from_it(
 
     evil = await client.get(
         "/oauth2/logout",
-        params={"id_token_hint": tokens["id_token"], "post_logout_redirect_uri": "https://evil.example.com/"},
+        params={
+            "id_token_hint": tokens["id_token"],
+            "post_logout_redirect_uri": "https://evil.example.com/",
+        },
     )
     assert evil.status_code == 400 and "location" not in evil.headers
 
     page = await client.get(
         "/oauth2/logout",
-        params={"id_token_hint": tokens["id_token"], "post_logout_redirect_uri": after, "state": "bye"},
+        params={
+            "id_token_hint": tokens["id_token"],
+            "post_logout_redirect_uri": after,
+            "state": "bye",
+        },
     )
     assert page.status_code == 200
     fields = form_posting_to(page.text, "/oauth2/logout")

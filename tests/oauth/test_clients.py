@@ -158,6 +158,32 @@ async def test_only_administrators_may_call_the_client_api(
     assert row is not None and row.name == existing["name"] and row.version == 1
 
 
+async def test_openapi_documents_every_client_operation_and_its_problems(
+    app_client: httpx.AsyncClient,
+) -> None:
+    spec = (await app_client.get(f"{API}/openapi.json")).json()
+    operations = {
+        (method.upper(), path.removeprefix(CLIENTS)): operation
+        for path, item in spec["paths"].items()
+        if path.startswith(CLIENTS)
+        for method, operation in item.items()
+    }
+    assert set(operations) == {(method, path) for method, path, _ in ROUTES}
+    for key, operation in operations.items():
+        assert operation["tags"] == ["clients"] and operation.get("security"), key
+        codes = {int(code) for code in operation["responses"]}
+        assert {401, 403, 422} <= codes, key
+        for code in codes - {200, 201, 204}:
+            content = operation["responses"][str(code)]["content"]
+            assert set(content) == {"application/problem+json"}, (key, code)
+    schemas = spec["components"]["schemas"]
+    for name in ("ClientPublic", "ClientWithSecret", "ClientsPage"):
+        assert "secret_hash" not in json.dumps(schemas[name]), name
+    assert "client_secret" not in schemas["ClientPublic"]["properties"]
+    create = schemas["ClientCreate"]
+    assert create["required"] == ["name"] and create["additionalProperties"] is False
+
+
 # --- the life of a client -------------------------------------------------------------------------
 
 

@@ -16,43 +16,15 @@ import httpx
 import jwt
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.integrations.starlette_client import OAuth
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from src.main import create_app
 from tests.conftest import SettingsFactory
 from tests.support.app import PASSWORD, bearer, register, unique_email
 from tests.support.auth import password_grant
-from tests.support.oidc import create_client, form_posting_to, live_server
+from tests.support.oidc import create_client, form_posting_to, live_server, relying_party
 from tests.support.servers import free_port
 
 ADMIN_PASSWORD = "admin password for tests"
-
-
-def relying_party(oauth: OAuth, rp_base: str, seen: dict[str, Any]) -> Starlette:
-    """The smallest Authlib web app: /login starts the flow, /callback finishes it."""
-
-    async def login(request: Request) -> Response:
-        client = oauth.create_client("ums")
-        assert client is not None
-        response: Response = await client.authorize_redirect(request, f"{rp_base}/callback")
-        return response
-
-    async def callback(request: Request) -> Response:
-        client = oauth.create_client("ums")
-        assert client is not None
-        seen["iss"] = request.query_params.get("iss")
-        seen["token"] = await client.authorize_access_token(request)
-        return JSONResponse({"signed_in": seen["token"]["userinfo"]["email"]})
-
-    return Starlette(
-        routes=[Route("/login", login), Route("/callback", callback)],
-        middleware=[Middleware(SessionMiddleware, secret_key="relying party test secret")],
-    )
 
 
 async def test_a_stock_relying_party_runs_the_whole_flow(

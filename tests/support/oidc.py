@@ -1,4 +1,5 @@
-"""Helpers for OpenID Connect tests: clients, PKCE, the hosted sign-in form, live servers."""
+"""Helpers for OpenID Connect tests: clients, PKCE, the hosted sign-in form, live servers, and a
+stock relying party."""
 
 from __future__ import annotations
 
@@ -10,14 +11,24 @@ import secrets
 import threading
 from collections.abc import Iterator
 from html.parser import HTMLParser
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import uvicorn
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from src.db.models import OAuthClient
 from tests.support.servers import free_port, wait_for_port
+
+if TYPE_CHECKING:
+    from authlib.integrations.starlette_client import OAuth
 
 REDIRECT_URI = "https://app.example.com/callback"
 
@@ -71,9 +82,8 @@ class _Forms(HTMLParser):
         values = {name: value or "" for name, value in attrs}
         if tag == "form":
             self.forms.append({"action": values.get("action", ""), "fields": {}})
-        elif tag in ("input", "button") and self.forms and values.get("name"):
-            if values.get("type") in ("hidden", None) or tag == "input":
-                self.forms[-1]["fields"].setdefault(values["name"], values.get("value", ""))
+        elif tag == "input" and self.forms and values.get("name"):
+            self.forms[-1]["fields"].setdefault(values["name"], values.get("value", ""))
 
 
 def forms_of(html: str) -> list[dict[str, Any]]:
@@ -143,10 +153,10 @@ async def exchange(
     data = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri}
     if verifier is not None:
         data["code_verifier"] = verifier
-    auth = (client_id, secret) if secret else None
-    if secret is None:
+    if secret is None:  # a public client: no authentication, just its id
         data["client_id"] = client_id
-    return await client.post("/oauth2/token", data=data, auth=auth)
+        return await client.post("/oauth2/token", data=data)
+    return await client.post("/oauth2/token", data=data, auth=(client_id, secret))
 
 
 def strip_cookies(client: httpx.AsyncClient) -> None:
@@ -170,3 +180,75 @@ def live_server(app: ASGIApp, port: int | None = None) -> Iterator[str]:
 
 
 CSRF_FIELD = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def relying_party(oauth: OAuth, rp_base: str, seen: dict[str, Any]) -> Starlette:
+    """The smallest Authlib web app, for the client ``oauth`` registered as "ums".
+
+    /login starts the flow; /callback finishes it and answers ``{"signed_in": <email>}``;
+    /logout sends the browser to the provider's end-session endpoint (RP-initiated logout, the ID
+    token as hint, back to /bye); /bye checks the state the provider echoes and says "signed out".
+    ``seen`` gets ``iss`` (RFC 9207), ``token`` (the last token response) and ``logout_state``.
+    """
+
+    def ums() -> Any:
+        client = oauth.create_client("ums")
+        assert client is not None
+        return client
+
+    async def login(request: Request) -> Response:
+        response: Response = await ums().authorize_redirect(request, f"{rp_base}/callback")
+        return response
+
+    async def callback(request: Request) -> Response:
+        seen["iss"] = request.query_params.get("iss")
+        seen["token"] = await ums().authorize_access_token(request)
+        return JSONResponse({"signed_in": seen["token"]["userinfo"]["email"]})
+
+    async def logout(request: Request) -> Response:
+        response: Response = await ums().logout_redirect(
+            request,
+            post_logout_redirect_uri=f"{rp_base}/bye",
+            id_token_hint=seen["token"]["id_token"],
+        )
+        return response
+
+    async def bye(request: Request) -> Response:
+        from authlib.integrations.base_client import OAuthError
+
+        try:
+            seen["logout_state"] = await ums().validate_logout_response(request)
+        except OAuthError as exc:
+            return PlainTextResponse(f"sign-out not confirmed: {exc}", status_code=400)
+        return PlainTextResponse("signed out")
+
+    return Starlette(
+        routes=[
+            Route("/login", login),
+            Route("/callback", callback),
+            Route("/logout", logout),
+            Route("/bye", bye),
+        ],
+        middleware=[Middleware(SessionMiddleware, secret_key="relying party test secret")],
+    )
+
+
+async def register_client(app: Any, client_id: str, **fields: Any) -> OAuthClient:
+    """A client row written straight to the database (for tests that do not need an admin):
+    public and first-party with the password and refresh-token grants unless told otherwise."""
+    values: dict[str, Any] = {
+        "client_id": client_id,
+        "name": client_id,
+        "client_type": "public",
+        "redirect_uris": [],
+        "post_logout_redirect_uris": [],
+        "grant_types": ["password", "refresh_token"],
+        "scopes": ["openid", "profile", "email", "offline_access"],
+        "first_party": True,
+    }
+    values.update(fields)
+    async with app.state.services.sessionmaker() as db:
+        row = OAuthClient(**values)
+        db.add(row)
+        await db.commit()
+        return row

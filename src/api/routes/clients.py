@@ -64,7 +64,7 @@ async def list_clients(
     )
 
 
-@router.get("/{client_id}", response_model=ClientPublic, responses=_errors(401, 403, 404))
+@router.get("/{client_id}", response_model=ClientPublic, responses=_errors(401, 403, 404, 422))
 async def read_client(client_id: str, _admin: AdminUser, db: SessionDep) -> ClientPublic:
     return ClientPublic.model_validate(await client_service.find_client(db, client_id))
 
@@ -80,7 +80,7 @@ async def update_client(
 
 
 @router.delete(
-    "/{client_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 403, 404)
+    "/{client_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 403, 404, 422)
 )
 async def delete_client(client_id: str, admin: AdminUser, db: SessionDep, sec: SecurityDep) -> None:
     """Its consents and codes go with it, and every session it obtained ends at once."""
@@ -90,7 +90,7 @@ async def delete_client(client_id: str, admin: AdminUser, db: SessionDep, sec: S
 @router.post(
     "/{client_id}/secret",
     response_model=ClientWithSecret,
-    responses=_errors(401, 403, 404, 409),
+    responses=_errors(401, 403, 404, 409, 422),
 )
 async def rotate_secret(
     client_id: str, admin: AdminUser, db: SessionDep, sec: SecurityDep
