@@ -35,6 +35,7 @@ from tests.support.auth import (
     outbox,
     password_grant,
 )
+from tests.support.oidc import REDIRECT_URI, code_flow, exchange
 
 AdminApp = tuple[FastAPI, httpx.AsyncClient, dict[str, str]]
 
@@ -160,6 +161,26 @@ async def _recorded(app: FastAPI, user_id: str, type_: EventType, count: int = 1
 
 async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, str]) -> None:
     """Every path that records an event, through the HTTP API as clients use it."""
+    # OAuth clients: registered, changed, a new secret, deleted; and the app the flow signs in to.
+    server = {
+        "name": "Flow server",
+        "client_id": "flow-server",
+        "grant_types": ["client_credentials"],
+    }
+    _ok(await client.post(f"{API}/clients", json=server, headers=admin), 201)
+    _ok(await client.patch(f"{API}/clients/flow-server", json={"name": "Renamed"}, headers=admin))
+    _ok(await client.post(f"{API}/clients/flow-server/secret", headers=admin))
+    _ok(await client.delete(f"{API}/clients/flow-server", headers=admin), 204)
+    flow_app = {
+        "name": "Flow app",
+        "client_id": "flow-app",
+        "client_type": "public",
+        "grant_types": ["password", "refresh_token", "authorization_code"],
+        "redirect_uris": [REDIRECT_URI],
+        "first_party": True,
+    }
+    _ok(await client.post(f"{API}/clients", json=flow_app, headers=admin), 201)
+
     # Registration (unverified: a verification link is mailed), a wrong and a right password.
     email = unique_email("flow")
     user = await register(client, email, full_name="Ada Lovelace")
@@ -174,6 +195,9 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
     )
     auth = bearer(_ok(response))
     _ok(await client.patch(f"{API}/users/me", json={"full_name": "Ada King"}, headers=auth))
+    # The hosted sign-in page and an authorization code (two more sign-ins).
+    code, verifier, _ = await code_flow(client, "flow-app", email, PASSWORD)
+    _ok(await exchange(client, code, verifier, "flow-app"))
 
     # A password reset, asked for and confirmed.
     reset = await client.post(f"{API}/auth/password-reset/request", json={"email": email})

@@ -125,7 +125,13 @@ async def login(
         sec.settings,
         EventType.LOGGED_IN,
         user.id,
-        {"id": user.id, "session_id": session.id, "ip": client.ip, "client_id": client_id},
+        {
+            "id": user.id,
+            "session_id": session.id,
+            "ip": client.ip,
+            "client_id": client_id,
+            "via": "password_grant",
+        },
     )
     await commit_change(db, sec, [user.id])
     audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)

@@ -123,7 +123,7 @@ async def exchange_code(
             "session_id": session.id,
             "ip": who.ip,
             "client_id": client.client_id,
-            "grant_type": "authorization_code",
+            "via": "authorization_code",
         },
     )
     await commit_change(db, sec, [user.id])

@@ -284,7 +284,13 @@ async def _start_browser_session(
         sec.settings,
         EventType.LOGGED_IN,
         user.id,
-        {"id": user.id, "session_id": session.id, "ip": who.ip, "client_id": None},
+        {
+            "id": user.id,
+            "session_id": session.id,
+            "ip": who.ip,
+            "client_id": None,
+            "via": "sign_in_page",
+        },
     )
     await commit_change(db, sec, [user.id], ended)
     audit.info("browser sign-in: user=%s ip=%s session=%s", user.id, who.ip, session.id)
