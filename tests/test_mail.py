@@ -1283,7 +1283,7 @@ async def test_a_newcomer_gets_the_verification_mail_and_its_link_works(
         text = mail.part("plain")
         for shown in (text, mail.part("html"), *map(str, mail.message.values())):
             assert "URGENT" not in shown and "evil.example" not in shown
-        match = re.search(r"https://app\.example\.com/verify-email\?token=([\w-]+)", text)
+        match = re.search(r"https://app\.example\.com/account/verify-email\?token=([\w-]+)", text)
         assert match, text
         confirmed = await client.post(
             "/api/v1/auth/verify-email/confirm", json={"token": match.group(1)}

@@ -54,7 +54,7 @@ _ASSETS = {
 }
 
 
-class _Assets(StaticFiles):
+class FingerprintedAssets(StaticFiles):
     """StaticFiles with the caching the fingerprinted URLs allow."""
 
     def file_response(
@@ -127,4 +127,4 @@ def install_docs(app: FastAPI) -> None:
         )
 
     app.add_api_route(DOCS_PATH, swagger_ui, methods=["GET"], include_in_schema=False)
-    app.mount(STATIC_PATH, _Assets(directory=STATIC_DIR), name="docs-static")
+    app.mount(STATIC_PATH, FingerprintedAssets(directory=STATIC_DIR), name="docs-static")

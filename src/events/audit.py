@@ -38,7 +38,11 @@ from src.services.kafka.serializers import KafkaSerializationError, KafkaSeriali
 logger = logging.getLogger(__name__)
 
 
-def _subject_id(subject: str | None) -> uuid.UUID | None:
+def _subject_id(event_type: str, subject: str | None) -> uuid.UUID | None:
+    """The user an event is about: its subject, except for events about something else (an OAuth
+    client), which belong to no user's trail."""
+    if not event_type.startswith("user."):
+        return None
     try:
         return uuid.UUID(subject) if subject else None
     except ValueError:
@@ -179,7 +183,7 @@ class AuditConsumer:
                 {
                     "event_id": event.id,
                     "type": event.type,
-                    "user_id": _subject_id(event.subject),
+                    "user_id": _subject_id(event.type, event.subject),
                     "source": event.source,
                     "time": event.time,
                     "data": event.data,

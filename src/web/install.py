@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 
+from src.api.docs import FingerprintedAssets
 from src.web.oauth_pages import router as oauth_router
 from src.web.pages import router as account_router
 
@@ -16,4 +16,5 @@ STATIC = Path(__file__).resolve().parent / "static"
 def install_pages(app: FastAPI) -> None:
     app.include_router(oauth_router)
     app.include_router(account_router)
-    app.mount("/assets", StaticFiles(directory=STATIC), name="assets")
+    # The pages name each asset with a hash of its content: browsers may keep them for a year.
+    app.mount("/assets", FingerprintedAssets(directory=STATIC), name="assets")

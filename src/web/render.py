@@ -10,6 +10,7 @@ page whose form ends in a redirect to an application (its redirect URI) must lis
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Coroutine, Sequence
@@ -47,6 +48,7 @@ _SOURCE = re.compile(r"[a-z][a-z0-9+.-]*:(//[A-Za-z0-9.\-\[\]:]+)?")
 
 
 @cache
+@functools.cache
 def asset_url(name: str) -> str:
     """``/assets/<name>?v=<hash of its content>``: a changed file gets a new URL, so the mount
     may let browsers cache assets for ever while a deployment still shows its new look."""

@@ -9,6 +9,9 @@ server would, with PyJWT's ``PyJWKClient`` against the published JWKS.
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -17,6 +20,7 @@ import jwt
 from authlib.integrations.httpx_client import AsyncOAuth2Client
 from authlib.integrations.starlette_client import OAuth
 
+from examples.oidc_client import build_app
 from src.main import create_app
 from tests.conftest import SettingsFactory
 from tests.support.app import PASSWORD, bearer, register, unique_email
@@ -101,3 +105,44 @@ async def test_a_stock_relying_party_runs_the_whole_flow(
                     auth=(client_id, secret),
                 )
                 assert answer.status_code == 200 and answer.json() == {"active": False}
+
+
+async def test_the_example_application_signs_in_and_out_with_a_public_client(
+    make_settings: SettingsFactory, clean_db: None
+) -> None:
+    """examples/oidc_client.py, as the README tells newcomers to run it (a public client)."""
+    port, rp_port = free_port(), free_port()
+    issuer, rp_base = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{rp_port}"
+    email = unique_email()
+    settings = make_settings(PUBLIC_BASE_URL=issuer)
+    with live_server(create_app(settings), port):
+        client_id = "demo-app"
+        command = [
+            sys.executable, "-m", "src", "clients", "create", "--name", "Demo app", "--public",
+            "--first-party", "--client-id", client_id,
+            "--redirect-uri", f"{rp_base}/callback", "--post-logout-redirect-uri", f"{rp_base}/",
+        ]  # fmt: skip
+        environment = {
+            **os.environ,
+            "DATABASE_URL": settings.DATABASE_URL,
+            "REDIS_ENABLED": "false",
+        }
+        created = await asyncio.to_thread(
+            subprocess.run, command, env=environment, capture_output=True, text=True, timeout=60
+        )
+        assert created.returncode == 0, created.stderr
+        async with httpx.AsyncClient(base_url=issuer) as api:
+            await register(api, email, full_name="Grace Hopper")
+        with live_server(build_app(issuer, client_id, None, rp_base), rp_port):
+            async with httpx.AsyncClient(follow_redirects=True, timeout=30) as browser:
+                page = await browser.get(f"{rp_base}/login")
+                fields = form_posting_to(page.text, "/account/signin")
+                fields.update(email=email, password=PASSWORD)
+                home = await browser.post(f"{issuer}/account/signin", data=fields)
+                assert home.status_code == 200 and "Signed in as Grace Hopper" in home.text
+                confirm = await browser.get(f"{rp_base}/logout")
+                assert str(confirm.url).startswith(f"{issuer}/oauth2/logout?")
+                fields = form_posting_to(confirm.text, "/oauth2/logout")
+                done = await browser.post(f"{issuer}/oauth2/logout", data=fields)
+                assert str(done.url).startswith(f"{rp_base}/?state=")
+                assert "Not signed in" in done.text

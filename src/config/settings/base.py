@@ -103,16 +103,18 @@ class Settings(BaseSettings):
     KAFKA_SSL_CAFILE: Path | None = None
 
     # --- accounts and tokens --------------------------------------------------------------------
-    # Public base URL of the service or its front end: reset and verification links start here,
-    # never from the request's Host header.
+    # Public URL of the service: the OpenID Connect issuer, and where mailed links (reset,
+    # verification) point, never the request's Host header.
     PUBLIC_BASE_URL: str = "http://localhost:8000"
     FIRST_ADMIN_EMAIL: str | None = None
     FIRST_ADMIN_PASSWORD: SecretStr | None = None
     JWT_ALGORITHM: Literal["RS256", "ES256", "EdDSA"] = "RS256"
-    # PEM text of the signing key, or a file holding it; required in production. In development a
-    # key is generated once and kept under DATA_DIR.
+    # Signing keys live in the database, sealed with ENCRYPTION_KEY (docs/signing-keys.md). A key
+    # given here (PEM text, or a file) is imported as the first key of an empty key ring; without
+    # one a key is generated (in development, the one kept under DATA_DIR).
     JWT_PRIVATE_KEY: SecretStr | None = None
     JWT_PRIVATE_KEY_FILE: Path | None = None
+    # The iss claim of access tokens; None means the issuer URL (PUBLIC_BASE_URL).
     JWT_ISSUER: str | None = None
     JWT_AUDIENCE: str = "user-management-service"
     ACCESS_TOKEN_EXPIRE_MINUTES: int = Field(default=15, ge=1, le=1440)
