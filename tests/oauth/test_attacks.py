@@ -282,13 +282,13 @@ async def test_an_authz_field_edited_between_pages_is_checked_again(provider: Pr
         _edit(authz, client_id=theirs["client_id"]),
         authz + f"&redirect_uri=https%3A%2F%2F{EVIL}%2Fcb",
         authz + "&client_id=" + theirs["client_id"],
-        "x" * 5000,
     ):
         answer = await client.post("/account/signin", data={**fields, "authz": tampered})
         assert_refused_page(answer, EVIL)
         assert SESSION_COOKIE not in answer.cookies
         shown = await client.get("/account/signin", params={"authz": tampered})
         assert_refused_page(shown, EVIL)
+    assert_refused_page(await client.get("/account/signin", params={"authz": "x" * 5000}))
     # None of it signed the browser in.
     again = await client.get(f"/oauth2/authorize?{authorize_query(mine['client_id'], challenge)}")
     assert again.status_code == 200 and 'action="/account/signin"' in again.text
@@ -332,7 +332,7 @@ async def test_a_consent_form_edited_to_another_redirect_is_refused(provider: Pr
 async def test_post_logout_redirect_must_be_registered_exactly_for_that_client(
     provider: Provider, uri: str
 ) -> None:
-    _, client, admin = provider
+    app, client, admin = provider
     after = "https://app.example.com/signed-out"
     mine = await create_client(client, admin, post_logout_redirect_uris=[after])
     await create_client(
@@ -362,3 +362,252 @@ async def test_post_logout_redirect_must_be_registered_exactly_for_that_client(
             params={"client_id": mine["client_id"], "post_logout_redirect_uri": after},
         )
         assert ok.status_code == 303 and ok.headers["location"] == after
+
+
+# --- stolen and replayed codes --------------------------------------------------------------------
+
+
+async def test_a_code_is_useless_to_another_client_and_with_another_redirect_uri(
+    provider: Provider,
+) -> None:
+    _, client, admin = provider
+    mine = await create_client(
+        client, admin, redirect_uris=[REDIRECT_URI, "https://app.example.com/other"]
+    )
+    thief = await create_client(client, admin, name="Thief", redirect_uris=[REDIRECT_URI])
+    public_thief = await create_client(
+        client, admin, name="Public thief", client_type="public", redirect_uris=[REDIRECT_URI]
+    )
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, mine["client_id"], email, PASSWORD)
+
+    stolen = await exchange(client, code, verifier, thief["client_id"], thief["client_secret"])
+    assert_oauth_error(stolen, "invalid_grant")
+    stolen = await exchange(client, code, verifier, public_thief["client_id"])
+    assert_oauth_error(stolen, "invalid_grant")
+    # Claiming to be the owner without its secret is an authentication failure, not a grant.
+    unauthenticated = await exchange(client, code, verifier, mine["client_id"])
+    assert unauthenticated.status_code == 401
+    assert unauthenticated.json()["error"] == "invalid_client"
+    for redirect_uri in ("https://app.example.com/other", REDIRECT_URI + "/", ""):
+        answer = await exchange(
+            client, code, verifier, mine["client_id"], mine["client_secret"], redirect_uri
+        )
+        assert_oauth_error(answer, "invalid_grant")
+    without = await client.post(
+        "/oauth2/token",
+        data={"grant_type": "authorization_code", "code": code, "code_verifier": verifier},
+        auth=(mine["client_id"], mine["client_secret"]),
+    )
+    assert_oauth_error(without, "invalid_grant")
+    # None of those attempts spent it: the owner still can.
+    answer = await exchange(client, code, verifier, mine["client_id"], mine["client_secret"])
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"code_challenge_method": "plain"}, "plain"),
+        ({"code_challenge_method": ""}, "no method"),
+        ({"code_challenge_method": "s256"}, "lower-case method"),
+        ({"code_challenge": ""}, "no challenge"),
+        ({"code_challenge": "a" * 42}, "too short"),
+        ({"code_challenge": "a" * 129}, "too long"),
+        ({"code_challenge": "a" * 42 + "+"}, "not unreserved"),
+        ({"code_challenge": "a" * 42 + "="}, "padding"),
+        ({"code_challenge": "\u0430" * 43}, "not ASCII"),
+    ],
+)
+async def test_pkce_cannot_be_downgraded_at_the_authorization_endpoint(
+    provider: Provider, extra: dict[str, str], why: str
+) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin, client_type="public")
+    _, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": registered["client_id"],
+        "redirect_uri": REDIRECT_URI,
+        "scope": "openid",
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    params.update(extra)
+    answer = await client.get("/oauth2/authorize", params=params)
+    assert answer.status_code == 302, (why, answer.text)
+    location = answer.headers["location"]
+    assert location.startswith(REDIRECT_URI + "?"), why
+    assert query_of(location)["error"] == "invalid_request", why
+    assert "code" not in query_of(location)
+
+
+async def test_pkce_verifier_must_match_exactly(provider: Provider) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin, client_type="public")
+    client_id = registered["client_id"]
+    email = await new_user(client)
+    verifier, challenge = pkce_pair()
+    query = authorize_query(client_id, challenge)
+    answer = await sign_in(client, query, email, PASSWORD)
+    code = query_of(answer.headers["location"])["code"]
+    for bad in (
+        None,
+        "",
+        challenge,  # "plain": the challenge itself
+        verifier[:-1],
+        verifier + "a",
+        verifier.upper() if verifier != verifier.upper() else verifier.lower(),
+        "a" * 42,
+        "\u0430" * 43,
+        verifier + "\x00",
+        "a" * 129,
+        "a" * 100_000,
+    ):
+        refused = await exchange(client, code, bad, client_id)
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"] in ("invalid_grant", "invalid_request"), (bad, refused.text)
+    assert (await exchange(client, code, verifier, client_id)).status_code == 200
+
+
+async def test_a_replayed_code_is_refused_and_ends_what_it_gave(provider: Provider) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin)
+    creds = (registered["client_id"], registered["client_secret"])
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    tokens = (await exchange(client, code, verifier, *creds)).json()
+    assert (await introspect(client, creds, tokens["access_token"]))["active"] is True
+    replay = await exchange(client, code, verifier, *creds)
+    assert_oauth_error(replay, "invalid_grant")
+    assert (await introspect(client, creds, tokens["access_token"]))["active"] is False
+    assert (await introspect(client, creds, tokens["refresh_token"]))["active"] is False
+    refreshed = await client.post(
+        "/oauth2/token",
+        data={"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+        auth=creds,
+    )
+    assert_oauth_error(refreshed, "invalid_grant")
+    assert (await client.get("/oauth2/userinfo", headers=bearer(tokens))).status_code == 401
+
+
+async def test_twenty_concurrent_redemptions_of_one_code_give_one_token(
+    provider: Provider,
+) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin)
+    creds = (registered["client_id"], registered["client_secret"])
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    answers = await asyncio.gather(
+        *(exchange(client, code, verifier, *creds) for _ in range(20))
+    )
+    for answer in answers:
+        assert_no_crash(answer)
+    assert sorted(a.status_code for a in answers) == [200] + [400] * 19
+
+
+async def _spoil_code(app: FastAPI, code: str, **values: Any) -> None:
+    from src.security.tokens import hash_token
+
+    await db_update(
+        app,
+        update(AuthorizationCode)
+        .where(AuthorizationCode.code_hash == hash_token(code))
+        .values(**values),
+    )
+
+
+async def test_an_expired_code_is_refused(provider: Provider) -> None:
+    app, client, admin = provider
+    registered = await create_client(client, admin)
+    creds = (registered["client_id"], registered["client_secret"])
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    await _spoil_code(app, code, expires_at=utcnow() - timedelta(seconds=1))
+    assert_oauth_error(await exchange(client, code, verifier, *creds), "invalid_grant")
+
+
+async def test_a_code_dies_with_the_user_or_the_sign_in_behind_it(provider: Provider) -> None:
+    app, client, admin = provider
+    registered = await create_client(client, admin)
+    creds = (registered["client_id"], registered["client_secret"])
+
+    # Deactivated between the redirect and the exchange.
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    api = (await password_grant(client, email, PASSWORD)).json()
+    me = (await client.get("/api/v1/users/me", headers=bearer(api))).json()
+    await set_active(app, me["id"], False)
+    assert_oauth_error(await exchange(client, code, verifier, *creds), "invalid_grant")
+    await set_active(app, me["id"], True)
+    # ... and the code stays spent once the account is back.
+    assert_oauth_error(await exchange(client, code, verifier, *creds), "invalid_grant")
+
+    # The browser signed out between the redirect and the exchange.
+    client.cookies.clear()
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    page = await client.get("/oauth2/logout")
+    fields = form_posting_to(page.text, "/oauth2/logout")
+    assert (await client.post("/oauth2/logout", data=fields)).status_code == 200
+    assert_oauth_error(await exchange(client, code, verifier, *creds), "invalid_grant")
+
+
+async def test_a_code_dies_when_the_password_changes_before_the_exchange(
+    provider: Provider,
+) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin)
+    creds = (registered["client_id"], registered["client_secret"])
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    api = (await password_grant(client, email, PASSWORD)).json()
+    changed = await client.post(
+        "/api/v1/users/me/password",
+        json={"current_password": PASSWORD, "new_password": "a brand new password 42"},
+        headers=bearer(api),
+    )
+    assert changed.status_code == 204, changed.text
+    # The change ended the browser session the code came from: no tokens for it.
+    assert_oauth_error(await exchange(client, code, verifier, *creds), "invalid_grant")
+
+
+async def test_a_deleted_clients_code_is_useless_to_a_client_reusing_its_id(
+    provider: Provider,
+) -> None:
+    _, client, admin = provider
+    first = await create_client(client, admin, client_id="reused-id")
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, "reused-id", email, PASSWORD)
+    deleted = await client.delete("/api/v1/clients/reused-id", headers=admin)
+    assert deleted.status_code == 204
+    assert (await exchange(client, code, verifier, "reused-id", first["client_secret"])).status_code == 401
+    second = await create_client(client, admin, client_id="reused-id")
+    answer = await exchange(client, code, verifier, "reused-id", second["client_secret"])
+    assert_oauth_error(answer, "invalid_grant")
+
+
+async def test_a_code_for_a_redirect_uri_since_removed_from_the_client_is_refused(
+    provider: Provider,
+) -> None:
+    """An administrator removes a redirect URI (say, its host was taken over): a code already
+    sent there must not buy tokens, as a code of a client that lost the grant does not."""
+    _, client, admin = provider
+    registered = await create_client(
+        client, admin, redirect_uris=[REDIRECT_URI, "https://old.example.com/cb"]
+    )
+    creds = (registered["client_id"], registered["client_secret"])
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(
+        client, creds[0], email, PASSWORD, redirect_uri="https://old.example.com/cb"
+    )
+    changed = await client.patch(
+        f"/api/v1/clients/{creds[0]}", json={"redirect_uris": [REDIRECT_URI]}, headers=admin
+    )
+    assert changed.status_code == 200, changed.text
+    answer = await exchange(
+        client, code, verifier, *creds, redirect_uri="https://old.example.com/cb"
+    )
+    assert_oauth_error(answer, "invalid_grant")

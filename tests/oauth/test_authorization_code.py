@@ -573,3 +573,29 @@ async def test_browser_sessions_are_listed_and_ended_by_logout_all(
     query = authorize_query(registered["client_id"], challenge, prompt="none")
     answer = await client.get(f"/oauth2/authorize?{query}")
     assert query_of(answer.headers["location"])["error"] == "login_required"
+
+
+async def test_max_age_and_prompt_login_ask_for_the_password_again(
+    provider: tuple[FastAPI, httpx.AsyncClient, dict[str, str]],
+) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin)
+    email = await new_user(client)
+    await code_flow(client, registered["client_id"], email, PASSWORD)
+    _, challenge = pkce_pair()
+    for extra in ({"max_age": "0"}, {"prompt": "login"}):
+        query = authorize_query(registered["client_id"], challenge, **extra)
+        page = await client.get(f"/oauth2/authorize?{query}")
+        assert page.status_code == 200 and 'action="/account/signin"' in page.text, extra
+        # Signing in again honours the request: back with a code, not to the form once more.
+        fields = form_posting_to(page.text, "/account/signin")
+        answer = await client.post(
+            "/account/signin", data={**fields, "email": email, "password": PASSWORD}
+        )
+        assert answer.status_code == 303 and "code" in query_of(answer.headers["location"])
+    silent = authorize_query(registered["client_id"], challenge, prompt="none", max_age="0")
+    answer = await client.get(f"/oauth2/authorize?{silent}")
+    assert query_of(answer.headers["location"])["error"] == "login_required"
+    roomy = authorize_query(registered["client_id"], challenge, prompt="none", max_age="3600")
+    answer = await client.get(f"/oauth2/authorize?{roomy}")
+    assert "code" in query_of(answer.headers["location"])
