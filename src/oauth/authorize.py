@@ -194,16 +194,34 @@ async def parse_request(db: AsyncSession, settings: Settings, raw: str) -> Autho
 
 
 def without_prompt(request: AuthorizationRequest, value: str) -> AuthorizationRequest:
-    """The request once a prompt has been honoured: after the user has just signed in
-    (``login``) or consented (``consent``), the steps that follow must not ask again."""
+    """The request once a prompt has been honoured: after the user has just consented
+    (``consent``), the steps that follow must not ask again."""
     if value not in request.prompt:
         return request
-    pairs = [
-        (name, " ".join(p for p in text.split() if p != value) if name == "prompt" else text)
-        for name, text in parse_query(request.raw)
-    ]
-    raw = urlencode([(n, v) for n, v in pairs if not (n == "prompt" and not v)])
-    return replace(request, raw=raw, prompt=request.prompt - {value})
+    return _rewritten(request, drop_prompt=value)
+
+
+def after_sign_in(request: AuthorizationRequest) -> AuthorizationRequest:
+    """The request once the user has just entered the password: ``prompt=login`` and ``max_age``
+    are satisfied, and the steps that follow (consent) must not send the user back to the form."""
+    if "login" not in request.prompt and request.max_age is None:
+        return request
+    return replace(_rewritten(request, drop_prompt="login", drop_max_age=True), max_age=None)
+
+
+def _rewritten(
+    request: AuthorizationRequest, *, drop_prompt: str, drop_max_age: bool = False
+) -> AuthorizationRequest:
+    pairs = []
+    for name, text in parse_query(request.raw):
+        if name == "max_age" and drop_max_age:
+            continue
+        if name == "prompt":
+            text = " ".join(p for p in text.split() if p != drop_prompt)
+            if not text:
+                continue
+        pairs.append((name, text))
+    return replace(request, raw=urlencode(pairs), prompt=request.prompt - {drop_prompt})
 
 
 # --- what happens next ----------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from src.oauth.authorize import (
     RedirectError,
     ShowConsent,
     ShowSignIn,
+    after_sign_in,
     client_origin_targets,
     decide,
     describe_scopes,
@@ -255,7 +256,7 @@ async def signin(
     if auth is None:
         response: Response = redirect("/account", 303)
     else:
-        auth = without_prompt(auth, "login")
+        auth = after_sign_in(auth)
         response = await _next_step(request, db, settings, auth, signin_.value, status=303)
     set_session_cookie(response, settings, signin_.cookie)
     return response
