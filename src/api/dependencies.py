@@ -19,6 +19,7 @@ from src.auth.service import ClientInfo
 from src.config.settings import Settings
 from src.db.session import close_session
 from src.errors import NotAuthenticated, PermissionDenied
+from src.oauth.clients import get_client
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka.manager import KafkaManager
 
@@ -91,7 +92,25 @@ async def get_current_user(
 ) -> Principal:
     if not token:
         raise NotAuthenticated()
-    return await auth_service.authenticate(db, sec, token)
+    principal = await auth_service.authenticate(db, sec, token)
+    if principal.client_id is not None and not await _first_party(db, principal.client_id):
+        # A third-party application's token is for /oauth2/userinfo (and the scopes the user
+        # allowed it), not a key to the account: it must not change a password or act as admin.
+        audit.info(
+            "token refused: user=%s client=%s reason=third_party",
+            principal.id,
+            principal.client_id,
+        )
+        raise PermissionDenied(
+            "This application's token is not accepted by the account API.",
+            headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
+        )
+    return principal
+
+
+async def _first_party(db: AsyncSession, client_id: str) -> bool:
+    client = await get_client(db, client_id)
+    return client is not None and client.first_party
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]

@@ -510,9 +510,14 @@ class AccessTokenCodec:
     def decode_id_token_hint(self, token: str) -> dict[str, Any]:
         """The claims of an ID token we issued, for RP-initiated logout: signature and issuer
         are checked; expiry and audience are not (OpenID Connect allows an expired hint)."""
-        return self._verify(
+        claims = self._verify(
             token, issuer=self._id_issuer, audience=None, require=["iss", "sub"], verify_exp=False
         )
+        # Access and client tokens carry a jti (and scope, client_id) and may share the issuer:
+        # only an ID token names the client it was for in aud and nothing else.
+        if {"jti", "scope", "client_id", "role"} & claims.keys():
+            raise TokenError("not an ID token")
+        return claims
 
     def jwks(self) -> dict[str, Any]:
         """Every published key, the active one first."""

@@ -175,7 +175,8 @@ async def parse_request(db: AsyncSession, settings: Settings, raw: str) -> Autho
     max_age = None
     if "max_age" in params:
         text = params["max_age"]
-        if not text.isdigit() or len(text) > 12 or int(text) > MAX_AGE_LIMIT:
+        # isascii: "²".isdigit() is true, yet int("²") raises.
+        if not (text.isascii() and text.isdigit()) or len(text) > 12 or int(text) > MAX_AGE_LIMIT:
             raise fail("invalid_request", "max_age must be a number of seconds.")
         max_age = int(text)
     login_hint = params.get("login_hint") or None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import logging
 import re
 import secrets
@@ -121,8 +122,8 @@ def redirect_uri_problem(uri: str) -> str | None:
     if "@" in parts.netloc:
         return "must not contain user information (user@host)"
     if scheme == "https":
-        if not parts.hostname:
-            return "must name a host"
+        if not parts.hostname or not _valid_host(parts.hostname):
+            return "must name a host: a DNS name (letters, digits, hyphens) or an IP address"
         return None
     if scheme == "http":
         if not _LOOPBACK_HOST.fullmatch(parts.netloc):
@@ -136,6 +137,23 @@ def redirect_uri_problem(uri: str) -> str | None:
     if not parts.path.startswith("/"):
         return "with a private-use scheme must have a path (com.example.app:/callback)"
     return None
+
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def _valid_host(host: str) -> bool:
+    """A host a browser and a Content-Security-Policy both read the same way: a DNS name of
+    letter-digit-hyphen labels (IDNs in their xn-- form) or an IP address without a zone."""
+    if "%" in host:  # an IPv6 zone (fe80::1%eth0) means something on one machine only
+        return False
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.split(".")
+    return len(host) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
 
 
 def _uses_localhost(uri: str) -> bool:

@@ -24,7 +24,7 @@ from src.db.types import utcnow
 from src.errors import OAuthError
 from src.events.outbox import EventType, record_event
 from src.oauth.authorize import verifier_matches
-from src.oauth.clients import SCOPES, get_client
+from src.oauth.clients import SCOPES, get_client, redirect_uri_allowed
 from src.security.tokens import hash_token
 from src.users import repository
 from src.users.schemas import TokenResponse
@@ -77,7 +77,8 @@ async def exchange_code(
         raise OAuthError("invalid_grant", _BAD_CODE)
     if row.expires_at <= now:
         raise OAuthError("invalid_grant", _BAD_CODE)
-    if redirect_uri != row.redirect_uri:
+    if redirect_uri != row.redirect_uri or not redirect_uri_allowed(client, row.redirect_uri):
+        # Also refused when the URI was removed from the client since the code was issued.
         raise OAuthError("invalid_grant", "redirect_uri does not match the authorization request.")
     if not verifier_matches(code_verifier, row.code_challenge):
         audit.info("code refused: client=%s ip=%s reason=pkce", client.client_id, who.ip)
@@ -134,7 +135,11 @@ async def exchange_code(
         who.ip,
         session.id,
     )
-    offline = "refresh_token" in client.grant_types
+    # A third party stays signed in only if the user allowed it ("offline_access" on the
+    # consent page); the company's own applications do whenever they may refresh.
+    offline = "refresh_token" in client.grant_types and (
+        client.first_party or "offline_access" in row.scope.split()
+    )
     response = token_response(sec, user, session, refresh if offline else None)
     if "openid" in row.scope.split():
         response.id_token = id_token(sec, user, session, client.client_id, row.nonce)
@@ -240,9 +245,28 @@ async def _session_of(db: AsyncSession, sec: Security, token: str) -> UserSessio
 _INACTIVE: dict[str, Any] = {"active": False}
 
 
-async def introspect(db: AsyncSession, sec: Security, token: str) -> dict[str, Any]:
+async def introspect(
+    db: AsyncSession, sec: Security, caller: OAuthClient, token: str
+) -> dict[str, Any]:
     """RFC 7662 section 2.2, from the database: a logged-out session, a deactivated user or a
-    changed password (which ends sessions) shows as inactive at once."""
+    changed password (which ends sessions) shows as inactive at once.
+
+    A client sees its own tokens only; a first-party confidential client (the company's own API
+    gateway or resource server) sees every token. Anything else is ``{"active": false}``, as
+    section 2.2 allows, so a client learns nothing about another's users."""
+    answer = await _introspect(db, sec, token)
+    if not answer.get("active"):
+        return _INACTIVE
+    if not caller.first_party and answer.get("client_id") != caller.client_id:
+        return _INACTIVE
+    scopes = answer.get("scope")
+    # The address is the user's to share: only with the email scope (or the service's own API).
+    if scopes is not None and "email" not in scopes.split():
+        answer.pop("username", None)
+    return answer
+
+
+async def _introspect(db: AsyncSession, sec: Security, token: str) -> dict[str, Any]:
     now = utcnow()
     refresh = await repository.get_refresh_token(db, hash_token(token))
     if refresh is not None:

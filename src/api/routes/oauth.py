@@ -400,7 +400,8 @@ async def introspect(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """RFC 7662 for resource servers (confidential clients): whether a token is active *now*,
-    read from the database, so logout, deactivation and password changes show at once."""
+    read from the database, so logout, deactivation and password changes show at once. A client
+    sees its own tokens; a first-party client (an API gateway, a resource server) every token."""
     try:
         found_id, secret = client_credentials_of(client_id, client_secret, authorization)
         client = await authenticate_client(db, found_id, secret)
@@ -409,7 +410,7 @@ async def introspect(
         if not token:
             raise OAuthError("invalid_request", "token is required.")
         answer = (
-            await grants.introspect(db, sec, token) if len(token) <= MAX_TOKEN_INPUT else {}
+            await grants.introspect(db, sec, client, token) if len(token) <= MAX_TOKEN_INPUT else {}
         ) or {"active": False}
     except OAuthError as exc:
         return oauth_error_response(exc)
