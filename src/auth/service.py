@@ -120,22 +120,30 @@ async def login(
     session, refresh = await open_session(
         db, sec, user, client, client_id, amr=["pwd"], scope=scope
     )
+    record_sign_in(db, sec, session, client, "password_grant")
+    await commit_change(db, sec, [user.id])
+    audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    return token_response(sec, user, session, refresh)
+
+
+def record_sign_in(
+    db: AsyncSession, sec: Security, session: UserSession, client: ClientInfo, via: str
+) -> None:
+    """``user.logged_in`` for a new session: ``via`` is password_grant, sign_in_page or
+    authorization_code."""
     record_event(
         db,
         sec.settings,
         EventType.LOGGED_IN,
-        user.id,
+        session.user_id,
         {
-            "id": user.id,
+            "id": session.user_id,
             "session_id": session.id,
             "ip": client.ip,
-            "client_id": client_id,
-            "via": "password_grant",
+            "client_id": session.client_id,
+            "via": via,
         },
     )
-    await commit_change(db, sec, [user.id])
-    audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
-    return token_response(sec, user, session, refresh)
 
 
 async def check_password(

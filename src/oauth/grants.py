@@ -18,11 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from src.auth.context import Security
 from src.auth.jwt import TokenError
-from src.auth.service import ClientInfo, open_session, token_response
+from src.auth.service import ClientInfo, open_session, record_sign_in, token_response
 from src.db.models import AuthorizationCode, OAuthClient, User, UserSession
 from src.db.types import utcnow
 from src.errors import OAuthError
-from src.events.outbox import EventType, record_event
 from src.oauth.authorize import verifier_matches
 from src.oauth.clients import SCOPES, get_client, redirect_uri_allowed
 from src.security.tokens import hash_token
@@ -114,19 +113,7 @@ async def exchange_code(
         parent_id=row.browser_session_id,
     )
     row.session_id = session.id
-    record_event(
-        db,
-        sec.settings,
-        EventType.LOGGED_IN,
-        user.id,
-        {
-            "id": user.id,
-            "session_id": session.id,
-            "ip": who.ip,
-            "client_id": client.client_id,
-            "via": "authorization_code",
-        },
-    )
+    record_sign_in(db, sec, session, who, "authorization_code")
     await commit_change(db, sec, [user.id])
     audit.info(
         "code exchanged: user=%s client=%s ip=%s session=%s",

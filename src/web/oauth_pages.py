@@ -34,7 +34,6 @@ from src.auth.service import ClientInfo
 from src.config.settings import Settings
 from src.db.types import utcnow
 from src.errors import OAuthError, TooManyRequests
-from src.events.outbox import EventType, record_event
 from src.oauth import consents
 from src.oauth.authorize import (
     AuthorizationRequest,
@@ -54,8 +53,9 @@ from src.oauth.authorize import (
 )
 from src.oauth.logout import LogoutRequest, parse_logout_request
 from src.users.service import commit_change
-from src.web.csrf import CSRF_FIELD, CsrfError, check_csrf
+from src.web.csrf import CSRF_FIELD, check_csrf
 from src.web.render import (
+    PageRoute,
     clear_session_cookie,
     redirect,
     render,
@@ -63,7 +63,8 @@ from src.web.render import (
     set_session_cookie,
 )
 
-router = APIRouter(include_in_schema=False)
+# PageRoute: a refused CSRF check is the 403 page, a domain error (429...) its error page.
+router = APIRouter(route_class=PageRoute, include_in_schema=False)
 audit = logging.getLogger("src.auth.audit")
 
 MAX_FIELD = 4096
@@ -73,13 +74,28 @@ _REFUSED = "Sign-in request refused"
 
 
 async def _form(request: Request) -> dict[str, str]:
-    """The posted form as plain strings, each bounded (longer values are cut to nothing)."""
+    """The posted form as plain strings, each bounded (longer values are cut to nothing), once
+    its CSRF token is checked (CsrfError, the 403 page, otherwise)."""
     form = await request.form()
     values: dict[str, str] = {}
     for name, value in form.multi_items():
         if isinstance(value, str) and name not in values:
             values[name] = value if len(value) <= MAX_FIELD else ""
+    check_csrf(request, values.get(CSRF_FIELD))
     return values
+
+
+async def _authorization(
+    request: Request, db: Any, settings: Settings, raw: str, status: int
+) -> AuthorizationRequest | Response:
+    """The validated request, or the answer to an invalid one: the error page while the client
+    cannot be trusted, the error sent back to its redirect URI after that."""
+    try:
+        return await parse_request(db, settings, raw)
+    except PageError as exc:
+        return render_error(request, 400, _REFUSED, str(exc))
+    except RedirectError as exc:
+        return redirect(error_url(settings, exc), status)
 
 
 def _cookie(request: Request, settings: Settings) -> str | None:
@@ -92,13 +108,9 @@ def _cookie(request: Request, settings: Settings) -> str | None:
 @router.get("/oauth2/authorize")
 async def authorize(request: Request, db: SessionDep, settings: SettingsDep) -> Response:
     """OAuth 2.1 section 4.1.1 / OpenID Connect Core 3.1.2.1 (GET; response_type=code)."""
-    raw = request.url.query
-    try:
-        auth = await parse_request(db, settings, raw)
-    except PageError as exc:
-        return render_error(request, 400, _REFUSED, str(exc))
-    except RedirectError as exc:
-        return redirect(error_url(settings, exc), 302)
+    auth = await _authorization(request, db, settings, request.url.query, 302)
+    if isinstance(auth, Response):
+        return auth
     signin = await current_browser_session(db, _cookie(request, settings))
     return await _next_step(request, db, settings, auth, signin, status=302)
 
@@ -188,12 +200,10 @@ async def signin_page(
         return render_error(request, 400, _REFUSED, "The sign-in request is too long.")
     auth = None
     if authz:
-        try:
-            auth = await parse_request(db, settings, authz)
-        except PageError as exc:
-            return render_error(request, 400, _REFUSED, str(exc))
-        except RedirectError as exc:
-            return redirect(error_url(settings, exc), 302)
+        parsed = await _authorization(request, db, settings, authz, 302)
+        if isinstance(parsed, Response):
+            return parsed
+        auth = parsed
     elif await current_browser_session(db, _cookie(request, settings)) is not None:
         return redirect("/account", 302)
     return _signin_page(
@@ -219,19 +229,13 @@ async def signin(
     """Check the password (under the login guard, like the password grant), start a new browser
     session, then carry on with the authorization request, if there is one."""
     form = await _form(request)
-    try:
-        check_csrf(request, form.get(CSRF_FIELD))
-    except CsrfError:
-        return render_error(request, 403, "Form expired", "Reload the page and try again.")
     authz = form.get("authz", "")
     auth = None
     if authz:
-        try:
-            auth = await parse_request(db, settings, authz)
-        except PageError as exc:
-            return render_error(request, 400, _REFUSED, str(exc))
-        except RedirectError as exc:
-            return redirect(error_url(settings, exc), 303)
+        parsed = await _authorization(request, db, settings, authz, 303)
+        if isinstance(parsed, Response):
+            return parsed
+        auth = parsed
     email, password = form.get("email", ""), form.get("password", "")
     if not email or not password or len(email) > MAX_EMAIL or len(password) > MAX_PASSWORD:
         return _signin_page(
@@ -280,19 +284,7 @@ async def _start_browser_session(
     session, cookie = await auth_service.open_session(
         db, sec, user, who, None, amr=["pwd"], kind="browser"
     )
-    record_event(
-        db,
-        sec.settings,
-        EventType.LOGGED_IN,
-        user.id,
-        {
-            "id": user.id,
-            "session_id": session.id,
-            "ip": who.ip,
-            "client_id": None,
-            "via": "sign_in_page",
-        },
-    )
+    auth_service.record_sign_in(db, sec, session, who, "sign_in_page")
     await commit_change(db, sec, [user.id], ended)
     audit.info("browser sign-in: user=%s ip=%s session=%s", user.id, who.ip, session.id)
     return _NewSignIn(BrowserSignIn(session=session, user=user), cookie)
@@ -306,16 +298,9 @@ async def consent(
     request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
 ) -> Response:
     form = await _form(request)
-    try:
-        check_csrf(request, form.get(CSRF_FIELD))
-    except CsrfError:
-        return render_error(request, 403, "Form expired", "Reload the page and try again.")
-    try:
-        auth = await parse_request(db, settings, form.get("authz", ""))
-    except PageError as exc:
-        return render_error(request, 400, _REFUSED, str(exc))
-    except RedirectError as exc:
-        return redirect(error_url(settings, exc), 303)
+    auth = await _authorization(request, db, settings, form.get("authz", ""), 303)
+    if isinstance(auth, Response):
+        return auth
     signin_ = await current_browser_session(db, _cookie(request, settings))
     if signin_ is None:
         return _signin_page(request, settings, auth.raw, "", auth)
@@ -362,10 +347,6 @@ async def logout(
     request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
 ) -> Response:
     form = await _form(request)
-    try:
-        check_csrf(request, form.get(CSRF_FIELD))
-    except CsrfError:
-        return render_error(request, 403, "Form expired", "Reload the page and try again.")
     try:
         logout_ = await parse_logout_request(db, sec, form.get("logout_request", ""))
     except PageError as exc:

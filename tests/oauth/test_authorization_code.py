@@ -466,6 +466,15 @@ async def test_introspection_sees_logout_and_deactivation_at_once(
     tokens = (await exchange(client, code, verifier, *creds)).json()
     answer = await introspect(client, creds, tokens["access_token"])
     assert answer["active"] is True and answer["client_id"] == creds[0]
+    assert answer["username"] == email  # the email scope was granted
+    # A first-party resource server (the company's gateway) sees every client's tokens.
+    gateway = await create_client(client, admin, name="Gateway", redirect_uris=[], grant_types=[
+        "client_credentials"
+    ])  # fmt: skip
+    seen = await introspect(
+        client, (gateway["client_id"], gateway["client_secret"]), tokens["access_token"]
+    )
+    assert seen["active"] is True and seen["client_id"] == creds[0]
     assert (await client.post("/api/v1/auth/logout", headers=bearer(tokens))).status_code == 204
     assert (await introspect(client, creds, tokens["access_token"]))["active"] is False
     assert (await introspect(client, creds, tokens["refresh_token"]))["active"] is False
