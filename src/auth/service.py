@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from src.auth.browser import end_browser_session
 from src.auth.context import Principal, Security
 from src.auth.jwt import TokenError
 from src.auth.passwords import enforce_password_policy
@@ -464,8 +465,8 @@ async def revoke_session(
     session = await repository.get_session(db, session_id)
     if session is None or session.user_id != principal.id or session.revoked_at is not None:
         raise NotFound("No such session.")
-    session.revoked_at, session.revoked_reason = utcnow(), "revoked"
-    await commit_change(db, sec, session_ids=[session_id])
+    # A browser session takes the applications' sessions opened through it along.
+    await end_browser_session(db, sec, session_id, reason="revoked")
     audit.info("session revoked: user=%s session=%s", principal.id, session_id)
 
 

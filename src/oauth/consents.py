@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from src.auth.context import Security
-from src.db.models import OAuthClient, OAuthConsent, UserSession
+from src.db.models import AuthorizationCode, OAuthClient, OAuthConsent, UserSession
 from src.db.types import utcnow
 from src.users.service import commit_change
 
@@ -86,5 +86,11 @@ async def revoke_consent(
         execution_options={"synchronize_session": False},
     )
     session_ids = list(ended.scalars().all())
+    # Codes issued in the last seconds die too: none may turn into a session after this.
+    await db.execute(
+        delete(AuthorizationCode).where(
+            AuthorizationCode.user_id == user_id, AuthorizationCode.client_id == client_id
+        )
+    )
     await commit_change(db, sec, session_ids=session_ids)
     return bool(getattr(deleted, "rowcount", 0))

@@ -608,3 +608,21 @@ async def test_max_age_and_prompt_login_ask_for_the_password_again(
     roomy = authorize_query(registered["client_id"], challenge, prompt="none", max_age="3600")
     answer = await client.get(f"/oauth2/authorize?{roomy}")
     assert "code" in query_of(answer.headers["location"])
+
+
+async def test_revoking_a_browser_session_ends_the_applications_sessions_it_opened(
+    provider: tuple[FastAPI, httpx.AsyncClient, dict[str, str]],
+) -> None:
+    _, client, admin = provider
+    registered = await create_client(client, admin)
+    creds = (registered["client_id"], registered["client_secret"])
+    email = await new_user(client)
+    code, verifier, _ = await code_flow(client, creds[0], email, PASSWORD)
+    tokens = (await exchange(client, code, verifier, *creds)).json()
+    api = bearer((await password_grant(client, email, PASSWORD)).json())
+    sessions = (await client.get("/api/v1/users/me/sessions", headers=api)).json()
+    browser = next(s for s in sessions if s["kind"] == "browser")
+    ended = await client.delete(f"/api/v1/users/me/sessions/{browser['id']}", headers=api)
+    assert ended.status_code == 204
+    assert (await introspect(client, creds, tokens["refresh_token"]))["active"] is False
+    assert (await client.get("/api/v1/users/me", headers=api)).status_code == 200
