@@ -311,3 +311,39 @@ Index(
     postgresql_where=SigningKeyRecord.state == "active",
     sqlite_where=SigningKeyRecord.state == "active",
 )
+
+
+class MfaFactor(Base):
+    """A second factor of a user. TOTP today: its secret sealed with ENCRYPTION_KEY (bound to the
+    factor's id), counted only once a first code confirmed it."""
+
+    __tablename__ = "mfa_factors"
+    __table_args__ = (CheckConstraint("kind IN ('totp')", name="kind"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(100))
+    secret: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # None until the first code proves the authenticator holds the secret.
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # TOTP: the last time step a code was accepted for; that step and earlier ones are refused
+    # (each code works once, RFC 6238 section 5.2).
+    last_used_step: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class RecoveryCode(Base):
+    """A single-use recovery code (stored hashed: 80 random bits make a fast hash safe)."""
+
+    __tablename__ = "recovery_codes"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
