@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     Uuid,
@@ -318,7 +319,7 @@ class MfaFactor(Base):
     factor's id), counted only once a first code confirmed it."""
 
     __tablename__ = "mfa_factors"
-    __table_args__ = (CheckConstraint("kind IN ('totp')", name="kind"),)
+    __table_args__ = (CheckConstraint("kind IN ('totp', 'webauthn')", name="kind"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     user_id: Mapped[uuid.UUID] = mapped_column(
@@ -334,6 +335,13 @@ class MfaFactor(Base):
     # TOTP: the last time step a code was accepted for; that step and earlier ones are refused
     # (each code works once, RFC 6238 section 5.2).
     last_used_step: Mapped[int | None] = mapped_column(BigInteger)
+    # WebAuthn (passkeys): the credential's id (base64url), its COSE public key, the
+    # authenticator's signature counter (a lower one than stored means a cloned authenticator),
+    # and the transports it reported (hints for the browser).
+    credential_id: Mapped[str | None] = mapped_column(String(1024), unique=True)
+    public_key: Mapped[bytes | None] = mapped_column(LargeBinary)
+    sign_count: Mapped[int | None] = mapped_column(BigInteger)
+    transports: Mapped[list[str] | None] = mapped_column(JSON)
 
 
 class RecoveryCode(Base):

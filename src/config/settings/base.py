@@ -152,6 +152,13 @@ class Settings(BaseSettings):
     # SIGNING_KEY_REFRESH_SECONDS before it signs anything (``keys rotate`` waits for it).
     JWKS_MAX_AGE_SECONDS: int = Field(default=300, ge=0, le=86400)
 
+    # --- second factors ----------------------------------------------------------------------
+    # Passkeys (WebAuthn): the relying party id (a registrable domain; passkeys work on it and
+    # its subdomains) and the origins allowed to use them, comma-separated. Both default to
+    # PUBLIC_BASE_URL's host and origin.
+    WEBAUTHN_RP_ID: str | None = None
+    WEBAUTHN_ORIGINS: str | None = None
+
     # --- secrets at rest ------------------------------------------------------------------------
     # AES-256-GCM keys (base64url of 32 bytes), comma-separated: the first encrypts, all decrypt
     # (rotation). They seal one-time tokens on their way to the mail sender. Required in
@@ -332,6 +339,15 @@ class Settings(BaseSettings):
     def access_token_issuer(self) -> str:
         """The ``iss`` of access tokens: JWT_ISSUER when set, else the issuer URL."""
         return self.JWT_ISSUER or self.issuer
+
+    @property
+    def webauthn_rp_id(self) -> str:
+        return self.WEBAUTHN_RP_ID or (urlsplit(self.PUBLIC_BASE_URL).hostname or "localhost")
+
+    @property
+    def webauthn_origins(self) -> list[str]:
+        parts = urlsplit(self.PUBLIC_BASE_URL)
+        return _split(self.WEBAUTHN_ORIGINS) or [f"{parts.scheme}://{parts.netloc}"]
 
     @property
     def secure_cookies(self) -> bool:

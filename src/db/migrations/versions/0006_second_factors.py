@@ -1,4 +1,4 @@
-"""Second factors: TOTP authenticators and recovery codes.
+"""Second factors: TOTP authenticators, passkeys (WebAuthn) and recovery codes.
 
 Revision ID: 0006
 Revises: 0005
@@ -28,11 +28,16 @@ def upgrade() -> None:
         sa.Column("confirmed_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_used_step", sa.BigInteger(), nullable=True),
-        sa.CheckConstraint("kind IN ('totp')", name=op.f("ck_mfa_factors_kind")),
+        sa.Column("credential_id", sa.String(length=1024), nullable=True),
+        sa.Column("public_key", sa.LargeBinary(), nullable=True),
+        sa.Column("sign_count", sa.BigInteger(), nullable=True),
+        sa.Column("transports", sa.JSON(), nullable=True),
+        sa.CheckConstraint("kind IN ('totp', 'webauthn')", name=op.f("ck_mfa_factors_kind")),
         sa.ForeignKeyConstraint(
             ["user_id"], ["users.id"], name=op.f("fk_mfa_factors_user_id_users"), ondelete="CASCADE"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_mfa_factors")),
+        sa.UniqueConstraint("credential_id", name=op.f("uq_mfa_factors_credential_id")),
     )
     op.create_index(op.f("ix_mfa_factors_user_id"), "mfa_factors", ["user_id"], unique=False)
     op.create_table(
