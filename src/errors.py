@@ -28,6 +28,24 @@ class NotAuthenticated(DomainError):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class StepUpRequired(DomainError):
+    """RFC 9470: the token is fine, but the authentication behind it is too old or too weak."""
+
+    status, title = 401, "Unauthorized"
+
+    def __init__(self, max_age: int) -> None:
+        super().__init__(
+            "Sign in again (with your second factor, if you have one) to do this.",
+            headers={
+                "WWW-Authenticate": (
+                    'Bearer error="insufficient_user_authentication", '
+                    'error_description="A more recent authentication is required", '
+                    f'max_age="{max_age}"'
+                )
+            },
+        )
+
+
 class PermissionDenied(DomainError):
     status, title = 403, "Forbidden"
 
@@ -61,8 +79,16 @@ class TooManyRequests(DomainError):
 class OAuthError(Exception):
     """An RFC 6749 section 5.2 error from the token endpoint (``{"error": ...}``, not a problem)."""
 
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
+    def __init__(
+        self,
+        error: str,
+        description: str,
+        status: int = 400,
+        extra: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(description)
         self.error = error
         self.description = description
         self.status = status
+        # Members beside error and error_description (mfa_required carries its mfa_token).
+        self.extra = extra or {}

@@ -434,6 +434,7 @@ class World:
     target: Account
     spare_session: str  # another session of the user: a real id for {session_id}
     client_id: str  # a registered OAuth client: a real id for {client_id}
+    factor_id: str  # an authenticator enrolment of the user: a real id for {factor_id}
 
     def caller(self, op: Operation) -> Account | None:
         """Nobody for open operations; the user for its own account (``/me``); else the admin."""
@@ -448,6 +449,8 @@ class World:
             return self.spare_session
         if name == "client_id":
             return self.client_id
+        if name == "factor_id":
+            return self.factor_id
         pytest.fail(f"{op.label}: no valid value known for path parameter {{{name}}}; add one")
 
 
@@ -683,12 +686,15 @@ async def _world(client: httpx.AsyncClient, admin_headers: dict[str, str]) -> Wo
         headers=admin_headers,
     )
     assert registered.status_code == 201, registered.text
+    enrolment = await client.post(f"{API}/users/me/mfa/totp", json={}, headers=user_headers)
+    assert enrolment.status_code == 201, enrolment.text
     return World(
         admin=Account(me.json()["id"], me.json()["email"], admin_headers),
         user=Account(user["id"], user["email"], user_headers),
         target=Account(target["id"], target["email"], {}),
         spare_session=session_of(spare),
         client_id=registered.json()["client_id"],
+        factor_id=enrolment.json()["factor_id"],
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyotp
 import pytest
 import pytest_asyncio
 from fastapi import FastAPI
@@ -232,6 +233,28 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
     body = {"current_password": PASSWORD, "new_password": NEW_PASSWORD}
     _ok(await client.post(f"{API}/users/me/password", json=body, headers=auth), 204)
 
+    # Second factors: an authenticator enrolled (its first confirmation brings recovery codes),
+    # new recovery codes, a wrong code, then a recovery code to remove the authenticator (each
+    # TOTP code works once, so the steps after the confirmation use recovery codes).
+    mfa = f"{API}/users/me/mfa"
+    started = _ok(await client.post(f"{mfa}/totp", json={"name": "Phone"}, headers=auth), 201)
+    first = {"code": pyotp.TOTP(started["secret"]).now()}
+    factor = f"{mfa}/{started['factor_id']}"
+    confirmed = await client.post(
+        f"{mfa}/totp/{started['factor_id']}/confirm", json=first, headers=auth
+    )
+    first_codes = _ok(confirmed)["recovery_codes"]
+    # Changing factors now needs a sign-in with one (step-up): a recovery code proves it.
+    body = {"current_password": NEW_PASSWORD, "code": first_codes[0]}
+    auth = bearer(_ok(await client.post(f"{API}/auth/reauthenticate", json=body, headers=auth)))
+    body = {"current_password": NEW_PASSWORD}
+    codes = _ok(await client.post(f"{mfa}/recovery-codes", json=body, headers=auth))
+    wrong = {"code": "AAAA-AAAA-AAAA-AAAA"}
+    assert (await client.request("DELETE", factor, json=wrong, headers=auth)).status_code == 400
+    await _recorded(app, uid, EventType.MFA_FAILED)
+    spend = {"code": codes["recovery_codes"][0]}
+    _ok(await client.request("DELETE", factor, json=spend, headers=auth), 204)
+
     # A second account, verified through its link, then administered.
     other = await register(client, unique_email("other"))
     oid = other["id"]
@@ -249,6 +272,7 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
     ]
     for change in admin_changes:
         _ok(await client.patch(f"{API}/users/{oid}", json=change, headers=admin))
+    _ok(await client.delete(f"{API}/users/{oid}/mfa", headers=admin), 204)  # nothing to reset
     _ok(await client.delete(f"{API}/users/{oid}", headers=admin), 204)
 
     # An account an administrator creates (registered with the admin as actor).

@@ -516,8 +516,9 @@ async def test_openapi_documents_error_responses(app_client: httpx.AsyncClient) 
                 content = responses[str(code)].get("content", {})
                 assert set(content) == {"application/problem+json"}, (method, path, code)
     assert seen >= set(SPECIFIC_ERRORS) | ADMIN_OPERATIONS
-    # Every /users operation and the two logouts need a token (and so must document 401).
-    assert authenticated == sum(path.startswith(f"{API}/users") for _, path in seen) + 2
+    # Every /users operation, the two logouts and the step-up need a token (and so must
+    # document 401).
+    assert authenticated == sum(path.startswith(f"{API}/users") for _, path in seen) + 3
     assert ("post", "/api/v1/auth/logout") in seen and ("get", "/api/v1/users/me") in seen
 
 

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from src.api.client_address import client_ip
 from src.app.container import app_services
 from src.auth import service as auth_service
+from src.auth import step_up
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
 from src.config.settings import Settings
@@ -129,3 +130,19 @@ async def get_current_admin(principal: CurrentUser, request: Request) -> Princip
 
 
 AdminUser = Annotated[Principal, Depends(get_current_admin)]
+
+
+async def get_recent_user(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -> Principal:
+    """The caller, if its authentication is recent and strong enough for a sensitive change."""
+    await step_up.require_recent_authentication(db, sec, principal)
+    return principal
+
+
+async def get_recent_admin(principal: AdminUser, db: SessionDep, sec: SecurityDep) -> Principal:
+    await step_up.require_recent_authentication(db, sec, principal)
+    return principal
+
+
+# Sensitive changes: a user's own email, password, factors and deletion; every admin write.
+RecentUser = Annotated[Principal, Depends(get_recent_user)]
+RecentAdmin = Annotated[Principal, Depends(get_recent_admin)]

@@ -49,6 +49,9 @@ class Principal:
     # service's own API sign-in.
     client_id: str | None = None
     scope: str | None = None
+    # How and when the user last authenticated in this session (from the token): step-up.
+    amr: tuple[str, ...] = ()
+    auth_time: int | None = None
 
     @property
     def id(self) -> uuid.UUID:

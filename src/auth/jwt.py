@@ -282,6 +282,8 @@ class AccessTokenClaims:
     client_id: str | None = None
     scope: str | None = None
     amr: tuple[str, ...] = ()
+    # When the user last proved who they are (seconds since the epoch): step-up checks it.
+    auth_time: int | None = None
 
 
 @dataclass(frozen=True)
@@ -361,6 +363,7 @@ class AccessTokenCodec:
         client_id: str | None = None,
         scope: str | None = None,
         amr: Sequence[str] | None = None,
+        auth_time: int | None = None,
     ) -> tuple[str, int]:
         """A signed access token and its lifetime in seconds (the OAuth2 ``expires_in``)."""
         issued_at = _timestamp(now)
@@ -380,6 +383,8 @@ class AccessTokenCodec:
             payload["scope"] = scope
         if amr is not None:
             payload["amr"] = list(amr)
+        if auth_time is not None:
+            payload["auth_time"] = auth_time
         return self._sign(payload), self._lifetime
 
     def issue_client_token(
@@ -464,8 +469,10 @@ class AccessTokenCodec:
         )
         role, client_id, scope = payload.get("role"), payload.get("client_id"), payload.get("scope")
         amr = payload.get("amr", [])
+        auth_time = payload.get("auth_time")
         if (
             not isinstance(payload["sid"], str)
+            or not (auth_time is None or (type(auth_time) is int and auth_time >= 0))
             or not _optional_str(role)
             or not _optional_str(client_id)
             or not _optional_str(scope)
@@ -484,6 +491,7 @@ class AccessTokenCodec:
             client_id=client_id,
             scope=scope,
             amr=tuple(amr),
+            auth_time=auth_time,
         )
 
     def decode_client_token(self, token: str) -> ClientTokenClaims:

@@ -104,23 +104,18 @@ async def verify_password(
 Defer = Callable[[Callable[[], Awaitable[None]]], None]
 
 
-async def login(
+async def complete_sign_in(
     db: AsyncSession,
     sec: Security,
-    username: str,
-    password: str,
+    user: User,
     client: ClientInfo,
-    client_id: str | None = None,
+    client_id: str | None,
     *,
-    sessions: async_sessionmaker[AsyncSession],
-    defer: Defer,
+    amr: list[str],
     scope: str | None = None,
 ) -> TokenResponse:
-    """The password grant: check the password (``check_password``), open a session."""
-    user = await check_password(db, sec, username, password, client, sessions=sessions, defer=defer)
-    session, refresh = await open_session(
-        db, sec, user, client, client_id, amr=["pwd"], scope=scope
-    )
+    """The password grant's session, once every factor the account has was checked."""
+    session, refresh = await open_session(db, sec, user, client, client_id, amr=amr, scope=scope)
     record_sign_in(db, sec, session, client, "password_grant")
     await commit_change(db, sec, [user.id])
     audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
@@ -323,6 +318,7 @@ def token_response(
         client_id=session.client_id,
         scope=session.scope,
         amr=(session.amr or "").split() or None,
+        auth_time=int((session.auth_time or session.created_at).timestamp()),
     )
     return TokenResponse(
         access_token=access,
@@ -429,7 +425,12 @@ async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal
         audit.info("token refused: user=%s reason=inactive", user_id)
         raise NotAuthenticated("This account is disabled.")
     return Principal(
-        user=user, session_id=session_id, client_id=claims.client_id, scope=claims.scope
+        user=user,
+        session_id=session_id,
+        client_id=claims.client_id,
+        scope=claims.scope,
+        amr=claims.amr,
+        auth_time=claims.auth_time,
     )
 
 

@@ -34,6 +34,13 @@ class EventType(StrEnum):
     DELETED = "user.deleted"
     LOGGED_IN = "user.logged_in"
     LOGIN_FAILED = "user.login_failed"
+    # Second factors (src.auth.mfa): authenticators and recovery codes; never a secret or a code.
+    MFA_ENROLLED = "user.mfa_enrolled"
+    MFA_REMOVED = "user.mfa_removed"
+    MFA_FAILED = "user.mfa_failed"
+    RECOVERY_CODES_REGENERATED = "user.recovery_codes_regenerated"
+    RECOVERY_CODE_USED = "user.recovery_code_used"
+    MFA_RESET = "user.mfa_reset"
     # Notifications: what the courier mails (see NOTIFICATION_EVENTS).
     VERIFICATION_REQUESTED = "user.verification_requested"
     PASSWORD_RESET_REQUESTED = "user.password_reset_requested"

@@ -184,3 +184,10 @@ class UserEvent(BaseModel):
 class UserEventsPage(BaseModel):
     items: list[UserEvent]
     next_cursor: str | None
+
+
+class Reauthentication(WriteModel):
+    """Step-up: the password, and a code (TOTP or recovery) when a second factor is enrolled."""
+
+    current_password: Annotated[str, StringConstraints(min_length=1, max_length=1024)]
+    code: Annotated[str | None, StringConstraints(min_length=1, max_length=64)] = None

@@ -22,6 +22,7 @@ from src.api.dependencies import (
     SessionMakerDep,
     SettingsDep,
 )
+from src.auth import mfa
 from src.auth import service as auth_service
 from src.auth.browser import (
     BrowserSignIn,
@@ -29,9 +30,11 @@ from src.auth.browser import (
     current_browser_session,
     end_browser_session,
 )
+from src.auth.challenge import BROWSER, amr_for, issue_ticket, open_ticket
 from src.auth.context import Security
 from src.auth.service import ClientInfo
 from src.config.settings import Settings
+from src.db.models import User
 from src.db.types import utcnow
 from src.errors import OAuthError, TooManyRequests
 from src.oauth import consents
@@ -256,7 +259,27 @@ async def signin(
             error="Too many attempts. Wait a little and try again.",
             status=429, headers=exc.headers,
         )  # fmt: skip
-    signin_ = await _start_browser_session(request, db, sec, settings, user, who)
+    if await mfa.has_second_factor(db, user.id):
+        # Nothing of this sign-in is committed before the second step: the request's session
+        # ends with a rollback (a rehash, a new-address notice: they come with the next try).
+        ticket = issue_ticket(sec, user.id, BROWSER)
+        return _second_factor_page(request, ticket, authz, auth)
+    return await _signed_in(request, db, sec, settings, user, who, auth, amr=["pwd"])
+
+
+async def _signed_in(
+    request: Request,
+    db: Any,
+    sec: Security,
+    settings: Settings,
+    user: Any,
+    who: ClientInfo,
+    auth: AuthorizationRequest | None,
+    *,
+    amr: list[str],
+) -> Response:
+    """A new browser session, its cookie, and the next step of the pending request (if any)."""
+    signin_ = await _start_browser_session(request, db, sec, settings, user, who, amr)
     if auth is None:
         response: Response = redirect("/account", 303)
     else:
@@ -266,6 +289,77 @@ async def signin(
     return response
 
 
+def _second_factor_page(
+    request: Request,
+    ticket: str,
+    authz: str,
+    auth: AuthorizationRequest | None,
+    *,
+    error: str | None = None,
+    status: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    return render(
+        request,
+        "second_factor.html",
+        {
+            "ticket": ticket,
+            "authz": authz,
+            "error": error,
+            "client_name": auth.client.name if auth else None,
+        },
+        status=status,
+        headers=headers,
+        form_targets=client_origin_targets(auth) if auth else (),
+    )
+
+
+@router.post("/account/signin/second-factor")
+async def second_factor(
+    request: Request,
+    db: SessionDep,
+    sessions: SessionMakerDep,
+    sec: SecurityDep,
+    settings: SettingsDep,
+    who: ClientDep,
+    background: BackgroundTasks,
+) -> Response:
+    """The code after a right password: the ticket says whose password it was."""
+    form = await _form(request)
+    authz = form.get("authz", "")
+    auth = None
+    if authz:
+        parsed = await _authorization(request, db, settings, authz, 303)
+        if isinstance(parsed, Response):
+            return parsed
+        auth = parsed
+    ticket = open_ticket(sec, form.get("ticket"), BROWSER)
+    user = await db.get(User, ticket.user_id) if ticket is not None else None
+    if ticket is None or user is None or not user.is_active:
+        return _signin_page(
+            request, settings, authz, "", auth,
+            error="That took too long. Sign in again.", status=400,
+        )  # fmt: skip
+    code = form.get("code", "")
+    try:
+        if not code or len(code) > 64:
+            raise mfa.SecondFactorRefused("Enter the code.")
+        method = await mfa.verify_second_factor(
+            db, sec, user, code, who, sessions=sessions, defer=background.add_task
+        )
+    except mfa.SecondFactorRefused:
+        return _second_factor_page(
+            request, form["ticket"], authz, auth, error="That code is not valid.", status=400
+        )
+    except TooManyRequests as exc:
+        return _second_factor_page(
+            request, form["ticket"], authz, auth,
+            error="Too many attempts. Wait a little and try again.",
+            status=429, headers=exc.headers,
+        )  # fmt: skip
+    return await _signed_in(request, db, sec, settings, user, who, auth, amr=amr_for(method))
+
+
 @dataclass(frozen=True)
 class _NewSignIn:
     value: BrowserSignIn
@@ -273,7 +367,13 @@ class _NewSignIn:
 
 
 async def _start_browser_session(
-    request: Request, db: Any, sec: Security, settings: Settings, user: Any, who: ClientInfo
+    request: Request,
+    db: Any,
+    sec: Security,
+    settings: Settings,
+    user: Any,
+    who: ClientInfo,
+    amr: list[str],
 ) -> _NewSignIn:
     """A new session id at every sign-in (no fixation); the one the cookie named, if any, ends."""
     previous = await current_browser_session(db, _cookie(request, settings))
@@ -282,7 +382,7 @@ async def _start_browser_session(
         previous.session.revoked_at, previous.session.revoked_reason = utcnow(), "signed_in_again"
         ended.append(previous.session.id)
     session, cookie = await auth_service.open_session(
-        db, sec, user, who, None, amr=["pwd"], kind="browser"
+        db, sec, user, who, None, amr=amr, kind="browser"
     )
     auth_service.record_sign_in(db, sec, session, who, "sign_in_page")
     await commit_change(db, sec, [user.id], ended)

@@ -17,12 +17,13 @@ from src.api.dependencies import (
 from src.api.errors import PROBLEM
 from src.api.routes import oauth
 from src.api.routes.oauth import OAUTH_ERROR
-from src.auth import account
+from src.auth import account, step_up
 from src.auth import service as auth_service
 from src.users.schemas import (
     Accepted,
     EmailRequest,
     PasswordResetConfirm,
+    Reauthentication,
     TokenConfirm,
     TokenResponse,
     UserPublic,
@@ -68,6 +69,9 @@ async def token(
     username: Annotated[str | None, Form(description="The account's email")] = None,
     password: Annotated[str | None, Form()] = None,
     refresh_token: Annotated[str | None, Form()] = None,
+    mfa_token: Annotated[str | None, Form()] = None,
+    otp: Annotated[str | None, Form()] = None,
+    recovery_code: Annotated[str | None, Form()] = None,
     scope: Annotated[str | None, Form()] = None,
     client_id: Annotated[str | None, Form()] = None,
     client_secret: Annotated[str | None, Form()] = None,
@@ -86,6 +90,9 @@ async def token(
         "username": username,
         "password": password,
         "refresh_token": refresh_token,
+        "mfa_token": mfa_token,
+        "otp": otp,
+        "recovery_code": recovery_code,
         "scope": scope,
         "client_id": client_id,
         "client_secret": client_secret,
@@ -98,6 +105,38 @@ async def token(
         background=background,
         form=form,
         authorization=authorization,
+    )
+
+
+@router.post(
+    "/reauthenticate",
+    response_model=TokenResponse,
+    response_model_exclude_none=True,
+    responses={400: PROBLEM, 401: PROBLEM, 422: PROBLEM, 429: PROBLEM},
+)
+async def reauthenticate(
+    body: Reauthentication,
+    principal: CurrentUser,
+    db: SessionDep,
+    sessions: SessionMakerDep,
+    sec: SecurityDep,
+    client: ClientDep,
+    response: Response,
+    background: BackgroundTasks,
+) -> TokenResponse:
+    """Step-up (RFC 9470): answer a 401 ``insufficient_user_authentication`` by proving it is
+    still you — the password, and a code when a second factor is enrolled. The session's
+    authentication becomes recent; use the new access token (the refresh token is unchanged)."""
+    response.headers["Cache-Control"] = "no-store"
+    return await step_up.reauthenticate(
+        db,
+        sec,
+        principal,
+        body.current_password,
+        body.code,
+        client,
+        sessions=sessions,
+        defer=background.add_task,
     )
 
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
 
-from src.api.dependencies import API_V1, AdminUser, SecurityDep, SessionDep
+from src.api.dependencies import API_V1, AdminUser, RecentAdmin, SecurityDep, SessionDep
 from src.api.errors import PROBLEM, Responses
 from src.db.models import OAuthClient
 from src.oauth import clients as client_service
@@ -42,7 +42,7 @@ def _with_secret(client: OAuthClient, secret: str | None) -> ClientWithSecret:
     responses=_errors(401, 403, 409, 422),
 )
 async def create_client(
-    body: ClientCreate, admin: AdminUser, db: SessionDep, sec: SecurityDep, response: Response
+    body: ClientCreate, admin: RecentAdmin, db: SessionDep, sec: SecurityDep, response: Response
 ) -> ClientWithSecret:
     """Register a client. A confidential client's secret is in this answer and nowhere else."""
     client, secret = await client_service.create_client(db, sec, body, actor_id=admin.id)
@@ -73,7 +73,7 @@ async def read_client(client_id: str, _admin: AdminUser, db: SessionDep) -> Clie
     "/{client_id}", response_model=ClientPublic, responses=_errors(401, 403, 404, 409, 422)
 )
 async def update_client(
-    client_id: str, body: ClientUpdate, admin: AdminUser, db: SessionDep, sec: SecurityDep
+    client_id: str, body: ClientUpdate, admin: RecentAdmin, db: SessionDep, sec: SecurityDep
 ) -> ClientPublic:
     client = await client_service.update_client(db, sec, client_id, body, actor_id=admin.id)
     return ClientPublic.model_validate(client)
@@ -82,7 +82,9 @@ async def update_client(
 @router.delete(
     "/{client_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_errors(401, 403, 404, 422)
 )
-async def delete_client(client_id: str, admin: AdminUser, db: SessionDep, sec: SecurityDep) -> None:
+async def delete_client(
+    client_id: str, admin: RecentAdmin, db: SessionDep, sec: SecurityDep
+) -> None:
     """Its consents and codes go with it, and every session it obtained ends at once."""
     await client_service.delete_client(db, sec, client_id, actor_id=admin.id)
 
@@ -93,7 +95,7 @@ async def delete_client(client_id: str, admin: AdminUser, db: SessionDep, sec: S
     responses=_errors(401, 403, 404, 409, 422),
 )
 async def rotate_secret(
-    client_id: str, admin: AdminUser, db: SessionDep, sec: SecurityDep
+    client_id: str, admin: RecentAdmin, db: SessionDep, sec: SecurityDep
 ) -> ClientWithSecret:
     """A new secret for a confidential client, shown once; the old one stops working now."""
     secret = await client_service.rotate_secret(db, sec, client_id, actor_id=admin.id)

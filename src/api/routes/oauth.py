@@ -26,6 +26,7 @@ from src.api.dependencies import (
 )
 from src.api.errors import PROBLEM
 from src.auth import service as auth_service
+from src.auth import signin
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
 from src.config.settings import Settings
@@ -73,7 +74,7 @@ def provider_metadata(settings: Settings, sec: Security) -> dict[str, Any]:
     issuer = settings.issuer
     grant_types = ["authorization_code", "refresh_token", "client_credentials"]
     if settings.PASSWORD_GRANT_ENABLED:
-        grant_types.append("password")
+        grant_types += ["password", signin.MFA_GRANT]
     auth_methods = ["client_secret_basic", "client_secret_post", "none"]
     algorithms = sorted({key["alg"] for key in sec.tokens.jwks()["keys"]})
     return {
@@ -159,7 +160,7 @@ def oauth_error_response(exc: OAuthError) -> JSONResponse:
     if exc.status == 401:  # RFC 6749 section 5.2: say how the client should authenticate
         headers["WWW-Authenticate"] = 'Basic realm="token"'
     return JSONResponse(
-        {"error": exc.error, "error_description": exc.description},
+        {"error": exc.error, "error_description": exc.description, **exc.extra},
         status_code=exc.status,
         headers=headers,
     )
@@ -224,7 +225,7 @@ async def _grant(
         granted = None
         if client is not None and scope:
             granted = " ".join(grants.requested_scopes(client, scope, default=[]))
-        return await auth_service.login(
+        return await signin.password_grant(
             db,
             sec,
             username,
@@ -234,6 +235,28 @@ async def _grant(
             sessions=sessions,
             defer=background.add_task,
             scope=granted,
+        )
+    if grant_type == signin.MFA_GRANT:
+        if not sec.settings.PASSWORD_GRANT_ENABLED:
+            raise OAuthError("unsupported_grant_type", "The password grant is turned off.")
+        # The second half of the password grant: allowed to exactly the clients the first is.
+        if client is not None and ("password" not in client.grant_types or not client.first_party):
+            raise OAuthError("unauthorized_client", "This client may not use the password grant.")
+        mfa_token = form.get("mfa_token")
+        code = form.get("otp") or form.get("recovery_code")
+        if not mfa_token or not code:
+            raise OAuthError(
+                "invalid_request", "mfa_token and otp (or recovery_code) are required."
+            )
+        return await signin.second_factor_grant(
+            db,
+            sec,
+            _bounded("mfa_token", mfa_token, MAX_TOKEN_INPUT) or "",
+            _bounded("otp", code, 64) or "",
+            who,
+            client.client_id if client else None,
+            sessions=sessions,
+            defer=background.add_task,
         )
     if grant_type == "refresh_token":
         refresh_token = form.get("refresh_token")
@@ -289,6 +312,9 @@ async def token(
     refresh_token: Annotated[str | None, Form()] = None,
     username: Annotated[str | None, Form()] = None,
     password: Annotated[str | None, Form()] = None,
+    mfa_token: Annotated[str | None, Form()] = None,
+    otp: Annotated[str | None, Form()] = None,
+    recovery_code: Annotated[str | None, Form()] = None,
     scope: Annotated[str | None, Form()] = None,
     client_id: Annotated[str | None, Form()] = None,
     client_secret: Annotated[str | None, Form()] = None,
@@ -297,7 +323,10 @@ async def token(
     """Grants: ``authorization_code`` (PKCE S256 required), ``refresh_token`` (rotated, bound to
     the client), ``client_credentials`` (confidential clients), and ``password`` (first-party
     clients that enable it, unless turned off). Clients authenticate with
-    ``client_secret_basic`` or ``client_secret_post``; public clients send only ``client_id``."""
+    ``client_secret_basic`` or ``client_secret_post``; public clients send only ``client_id``.
+    An account with a second factor answers the password grant with ``mfa_required`` and an
+    ``mfa_token``; the ``urn:user-management-service:grant-type:mfa`` grant completes it with
+    ``mfa_token`` and ``otp`` (or ``recovery_code``) — not a standard grant (see README)."""
     form = {
         "grant_type": grant_type,
         "code": code,
@@ -306,6 +335,9 @@ async def token(
         "refresh_token": refresh_token,
         "username": username,
         "password": password,
+        "mfa_token": mfa_token,
+        "otp": otp,
+        "recovery_code": recovery_code,
         "scope": scope,
         "client_id": client_id,
         "client_secret": client_secret,

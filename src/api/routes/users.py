@@ -16,11 +16,13 @@ from src.api.dependencies import (
     AdminUser,
     ClientDep,
     CurrentUser,
+    RecentAdmin,
+    RecentUser,
     SecurityDep,
     SessionDep,
 )
 from src.api.errors import PROBLEM, Responses
-from src.auth import account
+from src.auth import account, step_up
 from src.auth import service as auth_service
 from src.auth.context import Principal
 from src.db.models import User
@@ -116,7 +118,7 @@ async def update_me(
 )
 async def delete_me(
     body: CurrentPassword,
-    principal: CurrentUser,
+    principal: RecentUser,
     db: SessionDep,
     sec: SecurityDep,
     client: ClientDep,
@@ -132,7 +134,7 @@ async def delete_me(
 )
 async def change_password(
     body: PasswordChange,
-    principal: CurrentUser,
+    principal: RecentUser,
     db: SessionDep,
     sec: SecurityDep,
     client: ClientDep,
@@ -151,7 +153,7 @@ async def change_password(
 )
 async def change_email(
     body: EmailChange,
-    principal: CurrentUser,
+    principal: RecentUser,
     db: SessionDep,
     sec: SecurityDep,
     client: ClientDep,
@@ -207,7 +209,7 @@ async def list_users(
     responses=_errors(401, 403, 409, 422),
 )
 async def create_user(
-    body: UserCreate, admin: AdminUser, db: SessionDep, sec: SecurityDep, response: Response
+    body: UserCreate, admin: RecentAdmin, db: SessionDep, sec: SecurityDep, response: Response
 ) -> UserPublic:
     user = await auth_service.create_account(db, sec, body, actor_id=admin.id)
     response.headers["Location"] = f"{API_V1}/users/{user.id}"
@@ -235,7 +237,9 @@ async def update_user(
     if_match: IfMatch = None,
 ) -> UserPublic:
     _only_self_or_admin(principal, user_id)
-    if not principal.is_admin:
+    if principal.is_admin:
+        await step_up.require_recent_authentication(db, sec, principal)
+    else:
         # Through its own id a user may change exactly what /users/me allows.
         privileged = sorted(body.model_fields_set - UserUpdateMe.model_fields.keys())
         if privileged:
@@ -266,6 +270,7 @@ async def delete_user(
 ) -> None:
     """Admins delete others with no body; deleting yourself needs ``current_password``."""
     _only_self_or_admin(principal, user_id)
+    await step_up.require_recent_authentication(db, sec, principal)
     if principal.id == user_id:
         if body is None:
             raise InvalidInput(

@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     JWKS_MAX_AGE_SECONDS: int = Field(default=300, ge=0, le=86400)
 
     # --- second factors ----------------------------------------------------------------------
+    # Step-up: changing the email or password, removing a factor, deleting the account and every
+    # administrator's write need an authentication at most this old (seconds), with a second
+    # factor when the user has one; otherwise 401 with error="insufficient_user_authentication".
+    STEP_UP_MAX_AGE_SECONDS: int = Field(default=600, ge=30, le=86400)
     # Passkeys (WebAuthn): the relying party id (a registrable domain; passkeys work on it and
     # its subdomains) and the origins allowed to use them, comma-separated. Both default to
     # PUBLIC_BASE_URL's host and origin.

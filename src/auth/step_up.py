@@ -1,0 +1,84 @@
+"""Step-up authentication (RFC 9470): sensitive changes need a recent, strong sign-in.
+
+"Recent" is at most ``STEP_UP_MAX_AGE_SECONDS`` since the user last proved who they are in this
+session (``auth_time``, carried in the access token). "Strong" is the strongest the user has: a
+second factor (``mfa`` in ``amr``) once one is enrolled, the password otherwise. A stolen access
+token alone then cannot change the password, the email or the factors, nor act as an admin, once
+the sign-in behind it is a few minutes old. ``reauthenticate`` brings a session up to date.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from src.auth import mfa
+from src.auth.challenge import amr_for
+from src.auth.context import Principal, Security
+from src.auth.service import ClientInfo, token_response, verify_password
+from src.db.types import utcnow
+from src.errors import DomainError, StepUpRequired
+from src.users import repository
+from src.users.schemas import TokenResponse
+from src.users.service import commit_change
+
+audit = logging.getLogger("src.auth.audit")
+
+
+def _age(principal: Principal, now: datetime) -> float | None:
+    if principal.auth_time is None:
+        return None
+    return (now - datetime.fromtimestamp(principal.auth_time, UTC)).total_seconds()
+
+
+async def require_recent_authentication(
+    db: AsyncSession, sec: Security, principal: Principal, now: datetime | None = None
+) -> None:
+    """StepUpRequired (401, ``insufficient_user_authentication``) unless recent and strong."""
+    max_age = sec.settings.STEP_UP_MAX_AGE_SECONDS
+    age = _age(principal, now or utcnow())
+    fresh = age is not None and age <= max_age
+    strong = "mfa" in principal.amr or not await mfa.has_second_factor(db, principal.id)
+    if not (fresh and strong):
+        audit.info(
+            "step-up required: user=%s session=%s reason=%s",
+            principal.id,
+            principal.session_id,
+            "too_old" if not fresh else "second_factor",
+        )
+        raise StepUpRequired(max_age)
+
+
+async def reauthenticate(
+    db: AsyncSession,
+    sec: Security,
+    principal: Principal,
+    password: str,
+    code: str | None,
+    client: ClientInfo,
+    *,
+    sessions: async_sessionmaker[AsyncSession] | None = None,
+    defer: mfa.Defer | None = None,
+) -> TokenResponse:
+    """Prove it is still the user (password, and a second factor if enrolled): the session's
+    ``auth_time`` becomes now, and a new access token says so."""
+    user = await repository.get_user(db, principal.id)
+    session = await repository.get_session(db, principal.session_id)
+    if user is None or session is None:
+        raise DomainError("The session has ended.")
+    if not await verify_password(db, sec, user, password, client):
+        raise DomainError("The password is not correct.")
+    amr = ["pwd"]
+    if await mfa.has_second_factor(db, user.id):
+        if not code:
+            raise DomainError("Enter the code from your authenticator app, or a recovery code.")
+        method = await mfa.verify_second_factor(
+            db, sec, user, code, client, sessions=sessions, defer=defer
+        )
+        amr = amr_for(method)
+    session.auth_time, session.amr = utcnow(), " ".join(amr)
+    await commit_change(db, sec, session_ids=[session.id])
+    audit.info("re-authenticated: user=%s session=%s", user.id, session.id)
+    return token_response(sec, user, session, None)
