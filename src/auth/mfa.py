@@ -44,6 +44,7 @@ from src.auth import service as auth_service
 from src.auth.context import Security
 from src.auth.rate_limit import LoginDecision, client_key
 from src.auth.service import ClientInfo
+from src.config.settings import Settings
 from src.db.models import MfaFactor, RecoveryCode, User
 from src.db.types import utcnow
 from src.errors import Conflict, DomainError, InvalidInput, NotFound, TooManyRequests
@@ -661,3 +662,14 @@ async def reset_factors(
         removed,
         len(revoked),
     )
+
+
+def must_have_second_factor(settings: Settings, user: User) -> bool:
+    """Whether the policy (MFA_REQUIRED) asks this user for a second factor."""
+    required = settings.MFA_REQUIRED
+    return required == "everyone" or (required == "admins" and user.role == "admin")
+
+
+async def missing_required_factor(db: AsyncSession, settings: Settings, user: User) -> bool:
+    """The policy asks this user for a second factor, and there is none yet."""
+    return must_have_second_factor(settings, user) and not await has_second_factor(db, user.id)

@@ -45,6 +45,12 @@ async def password_grant(
     scope: str | None = None,
 ) -> TokenResponse:
     user = await check_password(db, sec, username, password, who, sessions=sessions, defer=defer)
+    if await mfa.missing_required_factor(db, sec.settings, user):
+        audit.info("login needs an enrolment first: user=%s ip=%s", user.id, who.ip)
+        raise OAuthError(
+            "mfa_enrollment_required",
+            "This account must have a second factor: sign in on the hosted pages to set one up.",
+        )
     if await mfa.has_second_factor(db, user.id):
         ticket = issue_ticket(sec, user.id, client_id or OWN_API, scope)
         audit.info("login needs a second factor: user=%s ip=%s", user.id, who.ip)

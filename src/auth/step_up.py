@@ -18,6 +18,7 @@ from src.auth import mfa
 from src.auth.challenge import amr_for
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo, token_response, verify_password
+from src.db.models import User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, StepUpRequired
 from src.users import repository
@@ -68,6 +69,26 @@ async def reauthenticate(
     session = await repository.get_session(db, principal.session_id)
     if user is None or session is None:
         raise DomainError("The session has ended.")
+    await refresh_authentication(
+        db, sec, user, session, password, code, client, sessions=sessions, defer=defer
+    )
+    return token_response(sec, user, session, None)
+
+
+async def refresh_authentication(
+    db: AsyncSession,
+    sec: Security,
+    user: User,
+    session: UserSession,
+    password: str,
+    code: str | None,
+    client: ClientInfo,
+    *,
+    sessions: async_sessionmaker[AsyncSession] | None = None,
+    defer: mfa.Defer | None = None,
+) -> None:
+    """Check the password (and the second factor, when enrolled) and record on the session that
+    the user authenticated now, and how (an API session or a browser's alike). Committed."""
     if not await verify_password(db, sec, user, password, client):
         raise DomainError("The password is not correct.")
     amr = ["pwd"]
@@ -81,4 +102,21 @@ async def reauthenticate(
     session.auth_time, session.amr = utcnow(), " ".join(amr)
     await commit_change(db, sec, session_ids=[session.id])
     audit.info("re-authenticated: user=%s session=%s", user.id, session.id)
-    return token_response(sec, user, session, None)
+
+
+def is_recent(sec: Security, session: UserSession, now: datetime | None = None) -> bool:
+    """Whether a session's last authentication is recent enough for a sensitive change (the
+    strength is the caller's to check: it needs the database)."""
+    auth_time = session.auth_time or session.created_at
+    age = ((now or utcnow()) - auth_time).total_seconds()
+    return age <= sec.settings.STEP_UP_MAX_AGE_SECONDS
+
+
+async def session_is_strong_enough(db: AsyncSession, sec: Security, session: UserSession) -> bool:
+    """Recent, and with the second factor when the user has one: what a hosted page checks
+    before a sensitive change (an access token carries the same facts; see above)."""
+    if not is_recent(sec, session):
+        return False
+    return "mfa" in (session.amr or "").split() or not await mfa.has_second_factor(
+        db, session.user_id
+    )

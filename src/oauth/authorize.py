@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from src.auth import mfa
 from src.auth.browser import BrowserSignIn
 from src.config.settings import Settings
 from src.db.models import AuthorizationCode, OAuthClient
@@ -245,7 +246,14 @@ class Redirect:
     url: str
 
 
-Decision = ShowSignIn | ShowConsent | Redirect
+@dataclass(frozen=True)
+class ShowEnrolment:
+    """The policy (MFA_REQUIRED) asks this user for a second factor, and there is none yet."""
+
+    request: AuthorizationRequest
+
+
+Decision = ShowSignIn | ShowConsent | Redirect | ShowEnrolment
 
 
 def needs_sign_in(
@@ -270,6 +278,12 @@ async def decide(
             raise RedirectError(request, "login_required", "The user is not signed in.")
         return ShowSignIn(request)
     assert signin is not None
+    if await mfa.missing_required_factor(db, settings, signin.user):
+        if "none" in request.prompt:
+            raise RedirectError(
+                request, "interaction_required", "The user must set up a second factor."
+            )
+        return ShowEnrolment(request)
     missing: tuple[str, ...] = ()
     if not request.client.first_party:
         granted = await consents.granted_scopes(db, signin.user.id, request.client.client_id)

@@ -44,6 +44,7 @@ from src.oauth.authorize import (
     Redirect,
     RedirectError,
     ShowConsent,
+    ShowEnrolment,
     ShowSignIn,
     after_sign_in,
     client_origin_targets,
@@ -74,6 +75,8 @@ MAX_FIELD = 4096
 MAX_EMAIL = 320
 MAX_PASSWORD = 1024
 _REFUSED = "Sign-in request refused"
+# Where a user the policy (MFA_REQUIRED) asks for a second factor goes before anything else.
+ENROL_FIRST = "/account/security?required=1"
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -134,6 +137,8 @@ async def _next_step(
         return redirect(error_url(settings, exc), status)
     if isinstance(decision, Redirect):
         return redirect(decision.url, status)
+    if isinstance(decision, ShowEnrolment):
+        return redirect(ENROL_FIRST, status)
     if isinstance(decision, ShowConsent):
         return render(
             request,
@@ -281,7 +286,8 @@ async def _signed_in(
     """A new browser session, its cookie, and the next step of the pending request (if any)."""
     signin_ = await _start_browser_session(request, db, sec, settings, user, who, amr)
     if auth is None:
-        response: Response = redirect("/account", 303)
+        enrol = await mfa.missing_required_factor(db, settings, user)
+        response: Response = redirect(ENROL_FIRST if enrol else "/account", 303)
     else:
         auth = after_sign_in(auth)
         response = await _next_step(request, db, settings, auth, signin_.value, status=303)

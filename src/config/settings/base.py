@@ -157,6 +157,10 @@ class Settings(BaseSettings):
     # administrator's write need an authentication at most this old (seconds), with a second
     # factor when the user has one; otherwise 401 with error="insufficient_user_authentication".
     STEP_UP_MAX_AGE_SECONDS: int = Field(default=600, ge=30, le=86400)
+    # Who must have a second factor: nobody (off), administrators, or everyone. A user who must
+    # and has none is sent to set one up at the next sign-in on the hosted pages; the password
+    # grant refuses them (error "mfa_enrollment_required") until they have.
+    MFA_REQUIRED: Literal["off", "admins", "everyone"] = "off"
     # Passkeys (WebAuthn): the relying party id (a registrable domain; passkeys work on it and
     # its subdomains) and the origins allowed to use them, comma-separated. Both default to
     # PUBLIC_BASE_URL's host and origin.
