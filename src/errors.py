@@ -33,7 +33,8 @@ class StepUpRequired(DomainError):
 
     status, title = 401, "Unauthorized"
 
-    def __init__(self, max_age: int) -> None:
+    def __init__(self, max_age: int, reason: str = "too_old") -> None:
+        self.reason = reason
         super().__init__(
             "Sign in again (with your second factor, if you have one) to do this.",
             headers={

@@ -252,6 +252,10 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
     wrong = {"code": "AAAA-AAAA-AAAA-AAAA"}
     assert (await client.request("DELETE", factor, json=wrong, headers=auth)).status_code == 400
     await _recorded(app, uid, EventType.MFA_FAILED)
+    wrong_password = {"current_password": "not the password"}
+    reauth = await client.post(f"{API}/auth/reauthenticate", json=wrong_password, headers=auth)
+    assert reauth.status_code == 400
+    await _recorded(app, uid, EventType.STEP_UP_FAILED)
     spend = {"code": codes["recovery_codes"][0]}
     _ok(await client.request("DELETE", factor, json=spend, headers=auth), 204)
 

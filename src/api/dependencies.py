@@ -19,7 +19,7 @@ from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
 from src.config.settings import Settings
 from src.db.session import close_session
-from src.errors import NotAuthenticated, PermissionDenied
+from src.errors import NotAuthenticated, PermissionDenied, StepUpRequired
 from src.oauth.clients import get_client
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka.manager import KafkaManager
@@ -132,14 +132,31 @@ async def get_current_admin(principal: CurrentUser, request: Request) -> Princip
 AdminUser = Annotated[Principal, Depends(get_current_admin)]
 
 
-async def get_recent_user(principal: CurrentUser, db: SessionDep, sec: SecurityDep) -> Principal:
+async def require_step_up(
+    principal: Principal, db: AsyncSession, sec: Security, request: Request
+) -> None:
+    """StepUpRequired unless the caller's authentication is recent and strong enough; each
+    refusal is an event (``user.step_up_failed``), as a stolen token trying its luck would be."""
+    try:
+        await step_up.require_recent_authentication(db, sec, principal)
+    except StepUpRequired as exc:
+        sessions = app_services(request.app).sessionmaker
+        await step_up.record_failure(sessions, sec, principal.id, principal.session_id, exc.reason)
+        raise
+
+
+async def get_recent_user(
+    principal: CurrentUser, db: SessionDep, sec: SecurityDep, request: Request
+) -> Principal:
     """The caller, if its authentication is recent and strong enough for a sensitive change."""
-    await step_up.require_recent_authentication(db, sec, principal)
+    await require_step_up(principal, db, sec, request)
     return principal
 
 
-async def get_recent_admin(principal: AdminUser, db: SessionDep, sec: SecurityDep) -> Principal:
-    await step_up.require_recent_authentication(db, sec, principal)
+async def get_recent_admin(
+    principal: AdminUser, db: SessionDep, sec: SecurityDep, request: Request
+) -> Principal:
+    await require_step_up(principal, db, sec, request)
     return principal
 
 

@@ -10,6 +10,7 @@ the sign-in behind it is a few minutes old. ``reauthenticate`` brings a session 
 from __future__ import annotations
 
 import logging
+import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -21,11 +22,44 @@ from src.auth.service import ClientInfo, token_response, verify_password
 from src.db.models import User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, StepUpRequired
+from src.events.outbox import EventType, record_event
 from src.users import repository
 from src.users.schemas import TokenResponse
 from src.users.service import commit_change
 
 audit = logging.getLogger("src.auth.audit")
+
+
+class StepUpFailed(DomainError):
+    """A re-authentication with a wrong password (400); the caller records the event."""
+
+    def __init__(self, user_id: uuid.UUID, session_id: uuid.UUID, reason: str) -> None:
+        super().__init__("The password is not correct.")
+        self.user_id, self.session_id, self.reason = user_id, session_id, reason
+
+
+async def record_failure(
+    sessions: async_sessionmaker[AsyncSession],
+    sec: Security,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+    reason: str,
+) -> None:
+    """``user.step_up_failed``, in a transaction of its own: the refused request rolls back."""
+    try:
+        async with sessions() as db:
+            record_event(
+                db,
+                sec.settings,
+                EventType.STEP_UP_FAILED,
+                user_id,
+                {"id": user_id, "session_id": session_id, "reason": reason},
+            )
+            await db.commit()
+    except Exception as exc:  # noqa: BLE001 - the refusal stands; the audit log line remains
+        logging.getLogger(__name__).warning(
+            "step-up failure event not recorded (%s): user=%s", type(exc).__name__, user_id
+        )
 
 
 def _age(principal: Principal, now: datetime) -> float | None:
@@ -43,13 +77,14 @@ async def require_recent_authentication(
     fresh = age is not None and age <= max_age
     strong = "mfa" in principal.amr or not await mfa.has_second_factor(db, principal.id)
     if not (fresh and strong):
+        reason = "too_old" if not fresh else "second_factor_needed"
         audit.info(
             "step-up required: user=%s session=%s reason=%s",
             principal.id,
             principal.session_id,
-            "too_old" if not fresh else "second_factor",
+            reason,
         )
-        raise StepUpRequired(max_age)
+        raise StepUpRequired(max_age, reason)
 
 
 async def reauthenticate(
@@ -90,7 +125,9 @@ async def refresh_authentication(
     """Check the password (and the second factor, when enrolled) and record on the session that
     the user authenticated now, and how (an API session or a browser's alike). Committed."""
     if not await verify_password(db, sec, user, password, client):
-        raise DomainError("The password is not correct.")
+        if sessions is not None:
+            await record_failure(sessions, sec, user.id, session.id, "wrong_password")
+        raise StepUpFailed(user.id, session.id, "wrong_password")
     amr = ["pwd"]
     if await mfa.has_second_factor(db, user.id):
         if not code:

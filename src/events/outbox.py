@@ -41,6 +41,7 @@ class EventType(StrEnum):
     RECOVERY_CODES_REGENERATED = "user.recovery_codes_regenerated"
     RECOVERY_CODE_USED = "user.recovery_code_used"
     MFA_RESET = "user.mfa_reset"
+    STEP_UP_FAILED = "user.step_up_failed"
     # Notifications: what the courier mails (see NOTIFICATION_EVENTS).
     VERIFICATION_REQUESTED = "user.verification_requested"
     PASSWORD_RESET_REQUESTED = "user.password_reset_requested"

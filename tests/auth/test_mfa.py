@@ -584,7 +584,9 @@ async def test_twenty_confirmations_with_one_code_confirm_once(
         )
         statuses = sorted(a.status_code for a in answers)
         assert statuses.count(200) == 1, statuses
-        assert set(statuses) <= {200, 400, 409}, statuses
+        # 401: the ones checked after the first committed meet a user who now has a factor,
+        # which this password-only session did not sign in with (step-up).
+        assert set(statuses) <= {200, 400, 401, 409}, statuses
         assert len(await outbox(fastapi_app, user["id"], "user.mfa_enrolled")) == 1
         assert len(await _recovery_rows(fastapi_app, user["id"])) == 10
 

@@ -59,6 +59,11 @@ async def test_an_old_session_changing_its_email_is_challenged_until_it_re_authe
 
     wrong = await client.post(REAUTH_URL, json={"current_password": "not it"}, headers=old)
     assert wrong.status_code == 400
+    # Each refusal is in the user's trail: the challenged change and the wrong password.
+    reasons = [
+        e.payload["reason"] for e in await outbox(fastapi_app, user["id"], "user.step_up_failed")
+    ]
+    assert reasons == ["too_old", "wrong_password"]
     fresh = await client.post(REAUTH_URL, json={"current_password": PASSWORD}, headers=old)
     assert fresh.status_code == 200, fresh.text
     assert fresh.headers["cache-control"] == "no-store"

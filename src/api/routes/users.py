@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
 from src.api.dependencies import (
     API_V1,
@@ -20,9 +20,10 @@ from src.api.dependencies import (
     RecentUser,
     SecurityDep,
     SessionDep,
+    require_step_up,
 )
 from src.api.errors import PROBLEM, Responses
-from src.auth import account, step_up
+from src.auth import account
 from src.auth import service as auth_service
 from src.auth.context import Principal
 from src.db.models import User
@@ -230,6 +231,7 @@ async def read_user(
 async def update_user(
     user_id: uuid.UUID,
     body: UserUpdate,
+    request: Request,
     principal: CurrentUser,
     db: SessionDep,
     sec: SecurityDep,
@@ -238,7 +240,7 @@ async def update_user(
 ) -> UserPublic:
     _only_self_or_admin(principal, user_id)
     if principal.is_admin:
-        await step_up.require_recent_authentication(db, sec, principal)
+        await require_step_up(principal, db, sec, request)
     else:
         # Through its own id a user may change exactly what /users/me allows.
         privileged = sorted(body.model_fields_set - UserUpdateMe.model_fields.keys())
@@ -262,6 +264,7 @@ async def update_user(
 )
 async def delete_user(
     user_id: uuid.UUID,
+    request: Request,
     principal: CurrentUser,
     db: SessionDep,
     sec: SecurityDep,
@@ -270,7 +273,7 @@ async def delete_user(
 ) -> None:
     """Admins delete others with no body; deleting yourself needs ``current_password``."""
     _only_self_or_admin(principal, user_id)
-    await step_up.require_recent_authentication(db, sec, principal)
+    await require_step_up(principal, db, sec, request)
     if principal.id == user_id:
         if body is None:
             raise InvalidInput(
