@@ -22,7 +22,7 @@ from src.api.dependencies import (
     SessionMakerDep,
     SettingsDep,
 )
-from src.auth import mfa
+from src.auth import mfa, passkeys
 from src.auth import service as auth_service
 from src.auth.browser import (
     BrowserSignIn,
@@ -268,7 +268,8 @@ async def signin(
         # Nothing of this sign-in is committed before the second step: the request's session
         # ends with a rollback (a rehash, a new-address notice: they come with the next try).
         ticket = issue_ticket(sec, user.id, BROWSER)
-        return _second_factor_page(request, ticket, authz, auth)
+        has_passkey = bool(await passkeys.list_passkeys(db, user.id))
+        return _second_factor_page(request, ticket, authz, auth, has_passkey=has_passkey)
     return await _signed_in(request, db, sec, settings, user, who, auth, amr=["pwd"])
 
 
@@ -301,6 +302,7 @@ def _second_factor_page(
     authz: str,
     auth: AuthorizationRequest | None,
     *,
+    has_passkey: bool,
     error: str | None = None,
     status: int = 200,
     headers: dict[str, str] | None = None,
@@ -313,6 +315,7 @@ def _second_factor_page(
             "authz": authz,
             "error": error,
             "client_name": auth.client.name if auth else None,
+            "has_passkey": has_passkey,
         },
         status=status,
         headers=headers,
@@ -347,6 +350,7 @@ async def second_factor(
             error="That took too long. Sign in again.", status=400,
         )  # fmt: skip
     code = form.get("code", "")
+    has_passkey = bool(await passkeys.list_passkeys(db, user.id))
     try:
         if not code or len(code) > 64:
             raise mfa.SecondFactorRefused("Enter the code.")
@@ -355,11 +359,17 @@ async def second_factor(
         )
     except mfa.SecondFactorRefused:
         return _second_factor_page(
-            request, form["ticket"], authz, auth, error="That code is not valid.", status=400
+            request,
+            form["ticket"],
+            authz,
+            auth,
+            has_passkey=has_passkey,
+            error="That code is not valid.",
+            status=400,
         )
     except TooManyRequests as exc:
         return _second_factor_page(
-            request, form["ticket"], authz, auth,
+            request, form["ticket"], authz, auth, has_passkey=has_passkey,
             error="Too many attempts. Wait a little and try again.",
             status=429, headers=exc.headers,
         )  # fmt: skip

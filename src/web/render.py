@@ -6,6 +6,8 @@ The policy allows styles and images from this origin and nothing else: no script
 inline style, no frame. Forms may post here, and to the origins a route names in
 ``form_targets``: Chrome applies ``form-action`` to the redirect that follows a form POST, so a
 page whose form ends in a redirect to an application (its redirect URI) must list that origin.
+A page that needs a script of ours (``scripts``: the passkey pages) also allows scripts from this
+origin and requests to it (``script-src 'self'; connect-src 'self'``); still nothing inline.
 """
 
 from __future__ import annotations
@@ -80,8 +82,9 @@ def _form_source(target: str) -> str:
     return source
 
 
-def content_security_policy(form_targets: Sequence[str] = ()) -> str:
-    """The pages' policy; directives that do not fall back to default-src are spelled out."""
+def content_security_policy(form_targets: Sequence[str] = (), *, scripts: bool = False) -> str:
+    """The pages' policy; directives that do not fall back to default-src are spelled out.
+    ``scripts``: the page loads a script from /assets, which calls this origin (fetch)."""
     sources = ["'self'"]
     for target in form_targets:
         source = _form_source(target)
@@ -90,6 +93,7 @@ def content_security_policy(form_targets: Sequence[str] = ()) -> str:
     return "; ".join(
         (
             "default-src 'none'",
+            *(("script-src 'self'", "connect-src 'self'") if scripts else ()),
             "style-src 'self'",
             "img-src 'self'",
             f"form-action {' '.join(sources)}",
@@ -99,8 +103,10 @@ def content_security_policy(form_targets: Sequence[str] = ()) -> str:
     )
 
 
-def _secure(response: Response, form_targets: Sequence[str] = ()) -> None:
-    response.headers["Content-Security-Policy"] = content_security_policy(form_targets)
+def _secure(response: Response, form_targets: Sequence[str] = (), *, scripts: bool = False) -> None:
+    response.headers["Content-Security-Policy"] = content_security_policy(
+        form_targets, scripts=scripts
+    )
     # Pages hold one-time tokens, CSRF tokens and account details: never kept, never leaked
     # to the next site in a Referer header.
     response.headers["Cache-Control"] = "no-store"
@@ -121,15 +127,25 @@ def render(
     status: int = 200,
     form_targets: Sequence[str] = (),
     headers: dict[str, str] | None = None,
+    scripts: Sequence[str] = (),
 ) -> HTMLResponse:
-    """A page from ``template`` with ``context`` plus ``csrf_token`` and ``project_name``."""
+    """A page from ``template`` with ``context`` plus ``csrf_token`` and ``project_name``.
+
+    ``scripts``: files of src/web/static the page loads (the template names them as
+    ``scripts``, their fingerprinted URLs); only then does the policy allow this origin's
+    scripts."""
     settings = _settings(request)
     token = csrf_token(request)
     html = _environment.get_template(template).render(
-        {**context, "csrf_token": token, "project_name": settings.PROJECT_NAME}
+        {
+            **context,
+            "csrf_token": token,
+            "project_name": settings.PROJECT_NAME,
+            "scripts": [asset_url(name) for name in scripts],
+        }
     )
     response = HTMLResponse(html, status_code=status, headers=headers)
-    _secure(response, form_targets)
+    _secure(response, form_targets, scripts=bool(scripts))
     fresh = new_csrf_token(request)
     if fresh is not None:
         set_csrf_cookie(response, settings, fresh)

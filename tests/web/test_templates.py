@@ -40,7 +40,10 @@ def test_every_template_is_there() -> None:
 @pytest.mark.parametrize("path", sorted(TEMPLATES.glob("*.html")), ids=lambda p: p.name)
 def test_no_template_holds_script_inline_style_or_handlers(path: Path) -> None:
     text = path.read_text()
-    assert "<script" not in text.lower()
+    # No inline script anywhere; the passkey pages load this service's own file, nothing else
+    # (their policy allows 'self' scripts; every other page's allows none).
+    external = '<script src="{{ src }}" defer></script>'
+    assert "<script" not in text.lower().replace(external.lower(), "")
     assert "<style" not in text.lower()
     assert re.search(r"\sstyle\s*=", text, re.IGNORECASE) is None
     assert re.search(r"\son[a-z]+\s*=", text, re.IGNORECASE) is None
