@@ -33,7 +33,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 import pyotp
 import segno
@@ -313,7 +312,16 @@ async def verify_second_factor(
                 "locked_for_seconds": locked_for,
             }
             # A partial, not a lambda: Starlette awaits a coroutine function (partials too).
-            defer(functools.partial(_record_failure, sessions, sec, user.id, failure))
+            defer(
+                functools.partial(
+                    auth_service.record_event_apart,
+                    sessions,
+                    sec,
+                    EventType.MFA_FAILED,
+                    user.id,
+                    failure,
+                )
+            )
         raise SecondFactorRefused()
     await sec.guard.succeeded(client.ip, _guard_account(user.id))
     return outcome
@@ -377,22 +385,6 @@ async def _spend_recovery_code(
     await db.flush()
     audit.info("recovery code used: user=%s ip=%s left=%d", user.id, client.ip, left)
     return METHOD_RECOVERY_CODE
-
-
-async def _record_failure(
-    sessions: async_sessionmaker[AsyncSession],
-    sec: Security,
-    user_id: uuid.UUID,
-    data: dict[str, Any],
-) -> None:
-    try:
-        async with sessions() as db:
-            record_event(db, sec.settings, EventType.MFA_FAILED, user_id, data)
-            await db.commit()
-    except Exception as exc:  # noqa: BLE001 - the answer is out; the audit log line remains
-        logger.warning(
-            "second factor failure event not recorded (%s): user=%s", type(exc).__name__, user_id
-        )
 
 
 # --- enrolment ------------------------------------------------------------------------------------

@@ -178,7 +178,11 @@ async def check_password(
         }
         # A partial, not a lambda: Starlette awaits a coroutine function (partials included),
         # but would run a lambda in a thread and drop the coroutine it returns.
-        defer(functools.partial(_record_failure, sessions, sec, user.id, failure))
+        defer(
+            functools.partial(
+                record_event_apart, sessions, sec, EventType.LOGIN_FAILED, user.id, failure
+            )
+        )
         audit.info(
             "login failed: user=%s ip=%s reason=invalid_credentials%s",
             user.id,
@@ -201,19 +205,23 @@ async def check_password(
     return user
 
 
-async def _record_failure(
+async def record_event_apart(
     sessions: async_sessionmaker[AsyncSession],
     sec: Security,
+    event_type: EventType,
     user_id: uuid.UUID,
     data: dict[str, Any],
 ) -> None:
+    """An event in a transaction of its own, for a refusal: the refused request writes nothing
+    (or, after the answer, nothing a timing could tell). A failure here is logged, not raised:
+    the answer stands and the audit log line remains."""
     try:
         async with sessions() as db:
-            record_event(db, sec.settings, EventType.LOGIN_FAILED, user_id, data)
+            record_event(db, sec.settings, event_type, user_id, data)
             await db.commit()
-    except Exception as exc:  # noqa: BLE001 - the answer is out; the audit log line remains
+    except Exception as exc:  # noqa: BLE001 - see the docstring
         logger.warning(
-            "login failure event not recorded (%s): user=%s", type(exc).__name__, user_id
+            "%s event not recorded (%s): user=%s", event_type, type(exc).__name__, user_id
         )
 
 

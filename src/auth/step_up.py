@@ -18,11 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from src.auth import mfa
 from src.auth.challenge import amr_for
 from src.auth.context import Principal, Security
-from src.auth.service import ClientInfo, token_response, verify_password
+from src.auth.service import ClientInfo, record_event_apart, token_response, verify_password
 from src.db.models import User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, StepUpRequired
-from src.events.outbox import EventType, record_event
+from src.events.outbox import EventType
 from src.users import repository
 from src.users.schemas import TokenResponse
 from src.users.service import commit_change
@@ -46,20 +46,8 @@ async def record_failure(
     reason: str,
 ) -> None:
     """``user.step_up_failed``, in a transaction of its own: the refused request rolls back."""
-    try:
-        async with sessions() as db:
-            record_event(
-                db,
-                sec.settings,
-                EventType.STEP_UP_FAILED,
-                user_id,
-                {"id": user_id, "session_id": session_id, "reason": reason},
-            )
-            await db.commit()
-    except Exception as exc:  # noqa: BLE001 - the refusal stands; the audit log line remains
-        logging.getLogger(__name__).warning(
-            "step-up failure event not recorded (%s): user=%s", type(exc).__name__, user_id
-        )
+    data = {"id": user_id, "session_id": session_id, "reason": reason}
+    await record_event_apart(sessions, sec, EventType.STEP_UP_FAILED, user_id, data)
 
 
 def _age(principal: Principal, now: datetime) -> float | None:

@@ -206,13 +206,10 @@ async def signin_page(
 ) -> Response:
     if len(authz) > MAX_FIELD:
         return render_error(request, 400, _REFUSED, "The sign-in request is too long.")
-    auth = None
-    if authz:
-        parsed = await _authorization(request, db, settings, authz, 302)
-        if isinstance(parsed, Response):
-            return parsed
-        auth = parsed
-    elif await current_browser_session(db, _cookie(request, settings)) is not None:
+    auth = await _authorization(request, db, settings, authz, 302) if authz else None
+    if isinstance(auth, Response):
+        return auth
+    if not authz and await current_browser_session(db, _cookie(request, settings)) is not None:
         return redirect("/account", 302)
     return _signin_page(
         request,
@@ -238,12 +235,9 @@ async def signin(
     session, then carry on with the authorization request, if there is one."""
     form = await _form(request)
     authz = form.get("authz", "")
-    auth = None
-    if authz:
-        parsed = await _authorization(request, db, settings, authz, 303)
-        if isinstance(parsed, Response):
-            return parsed
-        auth = parsed
+    auth = await _authorization(request, db, settings, authz, 303) if authz else None
+    if isinstance(auth, Response):
+        return auth
     email, password = form.get("email", ""), form.get("password", "")
     if not email or not password or len(email) > MAX_EMAIL or len(password) > MAX_PASSWORD:
         return _signin_page(
@@ -336,12 +330,9 @@ async def second_factor(
     """The code after a right password: the ticket says whose password it was."""
     form = await _form(request)
     authz = form.get("authz", "")
-    auth = None
-    if authz:
-        parsed = await _authorization(request, db, settings, authz, 303)
-        if isinstance(parsed, Response):
-            return parsed
-        auth = parsed
+    auth = await _authorization(request, db, settings, authz, 303) if authz else None
+    if isinstance(auth, Response):
+        return auth
     ticket = open_ticket(sec, form.get("ticket"), BROWSER)
     user = await db.get(User, ticket.user_id) if ticket is not None else None
     if ticket is None or user is None or not user.is_active:
