@@ -237,12 +237,14 @@ async def _lock_factors(
 # --- the login guard ------------------------------------------------------------------------------
 
 
-def _guard_account(user_id: uuid.UUID) -> str:
+def guard_key(user_id: uuid.UUID) -> str:
     """What the login guard counts second-factor guesses as: apart from the password's."""
     return f"mfa:{user_id}"
 
 
-async def _admit(db: AsyncSession, sec: Security, user: User, client: ClientInfo) -> LoginDecision:
+async def admit_guess(
+    db: AsyncSession, sec: Security, user: User, client: ClientInfo
+) -> LoginDecision:
     """Ask the login guard before a code is checked (429 when refused), as for a password."""
 
     async def known_address() -> bool:
@@ -250,7 +252,7 @@ async def _admit(db: AsyncSession, sec: Security, user: User, client: ClientInfo
         network = client_key(client.ip)
         return (await repository.sign_in_history(db, user.id, network, since))[1]
 
-    decision = await sec.guard.admit(client.ip, _guard_account(user.id), known_address)
+    decision = await sec.guard.admit(client.ip, guard_key(user.id), known_address)
     if decision.wait is not None:
         audit.warning(
             "second factor check refused: user=%s ip=%s reason=rate_limited", user.id, client.ip
@@ -291,7 +293,7 @@ async def verify_second_factor(
     transaction of its own (the caller's is not committed after a refusal).
     """
     now = now or utcnow()
-    decision = await _admit(db, sec, user, client)
+    decision = await admit_guess(db, sec, user, client)
     outcome = await _check(db, sec, user, code, client, now)
     if isinstance(outcome, _Failure):
         locked_for = decision.lock_if_wrong
@@ -323,7 +325,7 @@ async def verify_second_factor(
                 )
             )
         raise SecondFactorRefused()
-    await sec.guard.succeeded(client.ip, _guard_account(user.id))
+    await sec.guard.succeeded(client.ip, guard_key(user.id))
     return outcome
 
 
@@ -462,17 +464,17 @@ async def confirm_totp(
         raise NotFound(_NO_SUCH_FACTOR)
     if factor.confirmed_at is not None:
         raise Conflict("This authenticator is confirmed already.")
-    await _admit(db, sec, user, client)
+    await admit_guess(db, sec, user, client)
     secret = _open_secret(sec, factor)
     digits = _totp_digits(code) if len(code) <= MAX_CODE_LENGTH else None
     steps = _matching_steps(secret, digits, now) if secret and digits else []
     if not steps:
         audit.info("authenticator confirmation failed: user=%s ip=%s", user.id, client.ip)
         raise SecondFactorRefused()
-    await sec.guard.succeeded(client.ip, _guard_account(user.id))
+    await sec.guard.succeeded(client.ip, guard_key(user.id))
     first = not any(f.confirmed_at is not None for f in factors)
     factor.confirmed_at, factor.last_used_at, factor.last_used_step = now, now, steps[-1]
-    codes = await _replace_recovery_codes(db, user.id, now) if first else None
+    codes = await replace_recovery_codes(db, user.id, now) if first else None
     record_event(
         db,
         sec.settings,
@@ -491,7 +493,7 @@ async def confirm_totp(
     return factor, codes
 
 
-async def _replace_recovery_codes(db: AsyncSession, user_id: uuid.UUID, now: datetime) -> list[str]:
+async def replace_recovery_codes(db: AsyncSession, user_id: uuid.UUID, now: datetime) -> list[str]:
     """Delete the user's recovery codes and store ``RECOVERY_CODE_COUNT`` new ones (hashed)."""
     await db.execute(
         delete(RecoveryCode).where(RecoveryCode.user_id == user_id),
@@ -602,7 +604,7 @@ async def regenerate_recovery_codes(
     if not factors:
         raise Conflict("Recovery codes come with a second factor: confirm an authenticator first.")
     revoked = await recovery_codes_left(db, user.id)
-    codes = await _replace_recovery_codes(db, user.id, now)
+    codes = await replace_recovery_codes(db, user.id, now)
     record_event(
         db,
         sec.settings,

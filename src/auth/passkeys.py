@@ -31,7 +31,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.attributes import set_committed_value
 from webauthn import (
     base64url_to_bytes,
@@ -53,7 +53,7 @@ from webauthn.helpers.structs import (
 
 from src.auth import mfa
 from src.auth.context import Security
-from src.auth.service import ClientInfo
+from src.auth.service import ClientInfo, record_event_apart
 from src.db.models import MfaFactor, User
 from src.db.types import utcnow
 from src.errors import DomainError
@@ -310,7 +310,7 @@ async def register_passkey(
     await db.flush()
     # The same rule as for an authenticator app: the first second factor brings recovery codes,
     # or losing the passkey would lock the account (a password alone no longer signs in).
-    codes = await mfa._replace_recovery_codes(db, user.id, now) if first else None
+    codes = await mfa.replace_recovery_codes(db, user.id, now) if first else None
     record_event(
         db,
         sec.settings,
@@ -465,14 +465,26 @@ async def verify_second_factor(
     credential: dict[str, Any],
     challenge_token: object,
     client: ClientInfo,
+    *,
+    sessions: async_sessionmaker[AsyncSession] | None = None,
 ) -> Asserted:
     """A passkey as the second step after the password: counted by the login guard exactly like
-    a code (``TooManyRequests`` when it refuses), then ``verify_assertion`` for ``user``."""
-    await mfa._admit(db, sec, user, client)
+    a code (``TooManyRequests`` when it refuses), then ``verify_assertion`` for ``user``. A
+    failure records ``user.mfa_failed`` (in a transaction of its own) when ``sessions`` is given."""
+    decision = await mfa.admit_guess(db, sec, user, client)
     try:
         asserted = await verify_assertion(db, sec, credential, challenge_token, user=user)
     except PasskeyError:
         audit.info("second factor failed: user=%s ip=%s method=webauthn", user.id, client.ip)
+        if sessions is not None:
+            failure = {
+                "id": user.id,
+                "ip": client.ip,
+                "method": "webauthn",
+                "reason": "invalid_assertion",
+                "locked_for_seconds": decision.lock_if_wrong,
+            }
+            await record_event_apart(sessions, sec, EventType.MFA_FAILED, user.id, failure)
         raise
-    await sec.guard.succeeded(client.ip, mfa._guard_account(user.id))
+    await sec.guard.succeeded(client.ip, mfa.guard_key(user.id))
     return asserted

@@ -25,7 +25,13 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from src.api.dependencies import ClientDep, SecurityDep, SessionDep, SettingsDep
+from src.api.dependencies import (
+    ClientDep,
+    SecurityDep,
+    SessionDep,
+    SessionMakerDep,
+    SettingsDep,
+)
 from src.auth import mfa, passkeys
 from src.auth import service as auth_service
 from src.auth.browser import BrowserSignIn, cookie_name, current_browser_session
@@ -450,7 +456,12 @@ async def second_factor_options(request: Request, db: SessionDep, sec: SecurityD
 
 @router.post(SIGNIN_URL + "/second-factor/passkey")
 async def second_factor_with_passkey(
-    request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep, who: ClientDep
+    request: Request,
+    db: SessionDep,
+    sessions: SessionMakerDep,
+    sec: SecurityDep,
+    settings: SettingsDep,
+    who: ClientDep,
 ) -> Response:
     """The second step after the password (the ticket says whose): the passkey must be that
     user's; counted by the login guard like a code. ``amr`` ``pwd`` + ``hwk`` + ``mfa``."""
@@ -463,7 +474,9 @@ async def second_factor_with_passkey(
         if user is None:
             raise Refused(400, _TOO_LATE)
         token = _text(body, "challenge_token", passkeys.MAX_CHALLENGE_TOKEN, required=True)
-        await passkeys.verify_second_factor(db, sec, user, _credential(body), token, who)
+        await passkeys.verify_second_factor(
+            db, sec, user, _credential(body), token, who, sessions=sessions
+        )
         return await _signed_in_answer(
             request, db, sec, settings, user, who, auth, ["pwd", "hwk", "mfa"]
         )

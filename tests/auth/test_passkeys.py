@@ -47,7 +47,7 @@ from src.web.csrf import CSRF_FIELD
 from src.web.render import STATIC_DIR
 from tests.conftest import SettingsFactory
 from tests.support.app import PASSWORD, bearer, register, running_app, unique_email
-from tests.support.auth import password_grant, unverified_claims
+from tests.support.auth import outbox, password_grant, unverified_claims
 from tests.support.oidc import (
     REDIRECT_URI,
     authorize_query,
@@ -873,6 +873,9 @@ async def test_second_factor_failures_count_like_codes(
                 statuses.append(answer.status_code)
             assert statuses[:3] == [400, 400, 400], statuses
             assert statuses[3:] == [429, 429], statuses
+            # Each refused assertion is in the user's trail, like a wrong code.
+            failures = await outbox(app, user.id, "user.mfa_failed")
+            assert [f.payload["method"] for f in failures] == ["webauthn"] * 3
             assert int(answer.headers["retry-after"]) > 0
             assert answer.json() == {"error": "Too many attempts. Wait a little and try again."}
 
