@@ -115,6 +115,7 @@ async def complete_sign_in(
     scope: str | None = None,
 ) -> TokenResponse:
     """The password grant's session, once every factor the account has was checked."""
+    await notice_new_address(db, sec, user, client)
     session, refresh = await open_session(db, sec, user, client, client_id, amr=amr, scope=scope)
     record_sign_in(db, sec, session, client, "password_grant")
     await commit_change(db, sec, [user.id])
@@ -201,7 +202,6 @@ async def check_password(
         # The upgrade bumps the row's version (optimistic locking): the caller's commit_change
         # with the user's id drops a cached copy like any other change.
         user.password_hash = await sec.hasher.hash(password)
-    await _notice_new_address(db, sec, user, client)
     return user
 
 
@@ -225,7 +225,7 @@ async def record_event_apart(
         )
 
 
-async def _notice_new_address(
+async def notice_new_address(
     db: AsyncSession, sec: Security, user: User, client: ClientInfo
 ) -> None:
     """Mail the user when a sign-in comes from an address it has not used lately (not on the

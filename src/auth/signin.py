@@ -21,6 +21,7 @@ from src.auth.service import ClientInfo, check_password, complete_sign_in
 from src.errors import OAuthError
 from src.users import repository
 from src.users.schemas import TokenResponse
+from src.users.service import commit_change
 
 audit = logging.getLogger("src.auth.audit")
 
@@ -45,13 +46,18 @@ async def password_grant(
     scope: str | None = None,
 ) -> TokenResponse:
     user = await check_password(db, sec, username, password, who, sessions=sessions, defer=defer)
-    if await mfa.missing_required_factor(db, sec.settings, user):
+    enrol_first = await mfa.missing_required_factor(db, sec.settings, user)
+    second_step = not enrol_first and await mfa.has_second_factor(db, user.id)
+    if enrol_first or second_step:
+        # The sign-in stops here for now: keep what the password check did (a rehash).
+        await commit_change(db, sec, [user.id])
+    if enrol_first:
         audit.info("login needs an enrolment first: user=%s ip=%s", user.id, who.ip)
         raise OAuthError(
             "mfa_enrollment_required",
             "This account must have a second factor: sign in on the hosted pages to set one up.",
         )
-    if await mfa.has_second_factor(db, user.id):
+    if second_step:
         ticket = issue_ticket(sec, user.id, client_id or OWN_API, scope)
         audit.info("login needs a second factor: user=%s ip=%s", user.id, who.ip)
         raise OAuthError(

@@ -259,8 +259,8 @@ async def signin(
             status=429, headers=exc.headers,
         )  # fmt: skip
     if await mfa.has_second_factor(db, user.id):
-        # Nothing of this sign-in is committed before the second step: the request's session
-        # ends with a rollback (a rehash, a new-address notice: they come with the next try).
+        # The sign-in waits for the second step; keep what the password check did (a rehash).
+        await commit_change(db, sec, [user.id])
         ticket = issue_ticket(sec, user.id, BROWSER)
         has_passkey = bool(await passkeys.list_passkeys(db, user.id))
         return _second_factor_page(request, ticket, authz, auth, has_passkey=has_passkey)
@@ -388,6 +388,8 @@ async def _start_browser_session(
     if previous is not None:
         previous.session.revoked_at, previous.session.revoked_reason = utcnow(), "signed_in_again"
         ended.append(previous.session.id)
+    # Before the session opens: the notice asks whether this address had one already.
+    await auth_service.notice_new_address(db, sec, user, who)
     session, cookie = await auth_service.open_session(
         db, sec, user, who, None, amr=amr, kind="browser"
     )

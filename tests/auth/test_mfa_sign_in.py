@@ -21,7 +21,7 @@ from src.auth.signin import MFA_GRANT
 from src.db.types import utcnow
 from tests.conftest import SettingsFactory
 from tests.support.app import PASSWORD, bearer, register, running_app, unique_email
-from tests.support.auth import password_grant, unverified_claims
+from tests.support.auth import client_from, outbox, password_grant, unverified_claims
 from tests.support.oidc import (
     authorize_query,
     create_client,
@@ -233,3 +233,31 @@ async def test_the_hosted_pages_ask_for_the_code_after_the_password(
         data={**step, "ticket": step["ticket"][:-4] + "AAAA", "code": "123456"},
     )
     assert tampered.status_code == 400 and 'action="/account/signin"' in tampered.text
+
+
+async def test_a_sign_in_with_a_second_factor_from_a_new_address_is_noticed_once(
+    provider: tuple[FastAPI, httpx.AsyncClient, dict[str, str]],
+) -> None:
+    """The new-address notice belongs to the completed sign-in: not to the password step alone
+    (that may never be followed by a code), and not lost when a code follows."""
+    app, client, _ = provider
+    user = await enrolled_user(client)  # signed in once from the in-process address
+    async with client_from(app) as elsewhere:
+        answer = await password_grant(elsewhere, user.email, PASSWORD)
+        assert answer.json()["error"] == "mfa_required"
+        assert not await outbox(app, None, "user.new_sign_in")
+        done = await elsewhere.post(
+            "/oauth2/token",
+            data={
+                "grant_type": MFA_GRANT,
+                "mfa_token": answer.json()["mfa_token"],
+                "otp": user.next_code(),
+            },
+        )
+        assert done.status_code == 200, done.text
+    notices = [
+        row
+        for row in await outbox(app, None, "user.new_sign_in")
+        if row.payload["email"] == user.email
+    ]
+    assert len(notices) == 1
