@@ -9,8 +9,10 @@ signing out here ends them too.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,6 +21,7 @@ from src.auth.context import Security
 from src.config.settings import Settings
 from src.db.models import User, UserSession
 from src.db.types import utcnow
+from src.security.sealing import UnsealError
 from src.security.tokens import hash_token
 from src.users.service import commit_change
 
@@ -74,3 +77,38 @@ async def end_browser_session(
     ended = list(result.scalars().all())
     await commit_change(db, sec, session_ids=ended)
     return ended
+
+
+# --- the known-device cookie ----------------------------------------------------------------------
+# A browser that signed in to an account on the hosted pages keeps a sealed note of it. It is not
+# a credential (it signs nobody in); it tells the login guard that this browser is the owner's,
+# so failures elsewhere never slow the owner down, wherever they sign in from next.
+
+_DEVICE_PURPOSE = b"known-device"
+MAX_DEVICE_COOKIE = 512
+
+
+def device_cookie_name(settings: Settings) -> str:
+    return "__Host-ums_device" if settings.secure_cookies else "ums_device"
+
+
+def device_note(sec: Security, user_id: uuid.UUID, now: datetime | None = None) -> str:
+    issued = int((now or utcnow()).timestamp())
+    body = json.dumps({"u": str(user_id), "t": issued}).encode()
+    return sec.sealer.seal(body, _DEVICE_PURPOSE)
+
+
+def device_owner(
+    sec: Security, cookie: str | None, now: datetime | None = None
+) -> uuid.UUID | None:
+    """The account a known-device cookie names, if it is ours and younger than
+    LOGIN_KNOWN_ADDRESS_DAYS; None otherwise."""
+    if not cookie or len(cookie) > MAX_DEVICE_COOKIE:
+        return None
+    try:
+        body = json.loads(sec.sealer.unseal(cookie, _DEVICE_PURPOSE))
+        owner, issued = uuid.UUID(body["u"]), int(body["t"])
+    except (UnsealError, ValueError, KeyError, TypeError):
+        return None
+    oldest = (now or utcnow()) - timedelta(days=sec.settings.LOGIN_KNOWN_ADDRESS_DAYS)
+    return owner if issued >= int(oldest.timestamp()) else None

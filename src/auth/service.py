@@ -61,11 +61,20 @@ def _guard_key(username: str) -> str:
 
 
 async def _admit(
-    db: AsyncSession, sec: Security, key: str, user: User | None, client: ClientInfo
+    db: AsyncSession,
+    sec: Security,
+    key: str,
+    user: User | None,
+    client: ClientInfo,
+    device_user: uuid.UUID | None = None,
 ) -> LoginDecision:
-    """Ask the login guard before a password is checked (429 when refused)."""
+    """Ask the login guard before a password is checked (429 when refused). ``device_user``:
+    the account this browser signed in to before (its known-device cookie), which counts as a
+    known address wherever the browser is now."""
 
     async def known_address() -> bool:
+        if user is not None and device_user == user.id:
+            return True
         # The same query whether the account exists or not: its timing reveals nothing.
         user_id = user.id if user is not None else uuid.uuid4()
         network = client_key(client.ip)
@@ -152,6 +161,7 @@ async def check_password(
     *,
     sessions: async_sessionmaker[AsyncSession],
     defer: Defer,
+    device_user: uuid.UUID | None = None,
 ) -> User:
     """A sign-in's password check, for the password grant and the hosted sign-in page alike.
 
@@ -161,7 +171,7 @@ async def check_password(
     and TooManyRequests when the login guard refuses. Nothing is committed here."""
     account = canonical_email(username)
     user = await repository.get_user_by_email(db, account) if account else None
-    decision = await _admit(db, sec, _guard_key(username), user, client)
+    decision = await _admit(db, sec, _guard_key(username), user, client, device_user)
 
     if user is None:
         # Spend the same hashing time as a real check so timing does not reveal accounts.

@@ -28,6 +28,9 @@ from src.auth.browser import (
     BrowserSignIn,
     cookie_name,
     current_browser_session,
+    device_cookie_name,
+    device_note,
+    device_owner,
     end_browser_session,
 )
 from src.auth.challenge import BROWSER, amr_for, issue_ticket, open_ticket
@@ -64,6 +67,7 @@ from src.web.render import (
     redirect,
     render,
     render_error,
+    set_device_cookie,
     set_session_cookie,
 )
 
@@ -245,8 +249,16 @@ async def signin(
             error="Enter your email address and password.", status=400,
         )  # fmt: skip
     try:
+        device = device_owner(sec, request.cookies.get(device_cookie_name(settings)))
         user = await auth_service.check_password(
-            db, sec, email, password, who, sessions=sessions, defer=background.add_task
+            db,
+            sec,
+            email,
+            password,
+            who,
+            sessions=sessions,
+            defer=background.add_task,
+            device_user=device,
         )
     except OAuthError as exc:
         return _signin_page(
@@ -287,6 +299,7 @@ async def _signed_in(
         auth = after_sign_in(auth)
         response = await _next_step(request, db, settings, auth, signin_.value, status=303)
     set_session_cookie(response, settings, signin_.cookie)
+    set_device_cookie(response, settings, device_note(sec, user.id))
     return response
 
 

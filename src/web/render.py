@@ -28,6 +28,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from starlette.responses import Response
 
 from src.auth.browser import cookie_name as session_cookie_name
+from src.auth.browser import device_cookie_name
 from src.config.settings import Settings
 from src.errors import DomainError
 from src.web.csrf import CsrfError, csrf_token, new_csrf_token, set_csrf_cookie
@@ -193,6 +194,20 @@ def set_session_cookie(response: Response, settings: Settings, value: str) -> No
         session_cookie_name(settings),
         value,
         max_age=settings.SESSION_MAX_LIFETIME_DAYS * 86400,
+        httponly=True,
+        samesite="lax",
+        secure=settings.secure_cookies,
+        path="/",
+    )
+
+
+def set_device_cookie(response: Response, settings: Settings, value: str) -> None:
+    """The known-device note (src.auth.browser): kept across sign-outs, for as long as an
+    address stays known to the login guard (LOGIN_KNOWN_ADDRESS_DAYS)."""
+    response.set_cookie(
+        device_cookie_name(settings),
+        value,
+        max_age=settings.LOGIN_KNOWN_ADDRESS_DAYS * 86400,
         httponly=True,
         samesite="lax",
         secure=settings.secure_cookies,

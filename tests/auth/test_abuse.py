@@ -43,6 +43,7 @@ from tests.support.auth import (
     outbox,
     password_grant,
 )
+from tests.support.oidc import form_posting_to
 from tests.support.servers import RedisServer
 
 RESET_URL = f"{API}/auth/password-reset/request"
@@ -425,3 +426,33 @@ async def test_a_wrong_password_costs_what_an_unknown_account_costs(
         assert "INSERT" not in seen["known"].before
         assert "INSERT" in seen["known"].after and seen["unknown"].after == []
         assert len(await outbox(app, known["id"], "user.login_failed")) == 1
+
+
+async def test_a_browser_that_signed_in_before_is_known_wherever_it_goes(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """The hosted pages leave a sealed known-device note: the owner's browser is not slowed by
+    failures elsewhere even from an address it never used; another browser there is."""
+    async with running_app(make_settings(**ACCOUNT_UNDER_ATTACK)) as (app, client):
+        user = await register(client)
+
+        async def sign_in(browser: httpx.AsyncClient) -> httpx.Response:
+            page = await browser.get("/account/signin")
+            fields = form_posting_to(page.text, "/account/signin")
+            fields.update(email=user["email"], password=PASSWORD)
+            return await browser.post("/account/signin", data=fields)
+
+        async with client_from(app) as laptop:
+            assert (await sign_in(laptop)).status_code == 303
+            note = laptop.cookies.get("ums_device")
+            assert note and user["id"] not in note  # sealed: it names nobody readably
+        await _push_past_the_account_threshold(app, user["email"], 3)
+        async with client_from(app) as stranger:
+            assert (await sign_in(stranger)).status_code == 429
+        # A note is no key: forged, it counts for nothing.
+        async with client_from(app) as forger:
+            forger.cookies.set("ums_device", note[:-6] + "AAAAAA")
+            assert (await sign_in(forger)).status_code == 429
+        async with client_from(app) as travelling:
+            travelling.cookies.set("ums_device", note)
+            assert (await sign_in(travelling)).status_code == 303
