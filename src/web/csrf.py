@@ -96,3 +96,16 @@ def set_csrf_cookie(response: Response, settings: Settings, token: str) -> None:
         secure=settings.secure_cookies,
         path="/",
     )
+
+
+async def checked_form(request: Request, max_length: int = 4096) -> dict[str, str]:
+    """A posted form as plain strings, once its CSRF token is checked (CsrfError otherwise):
+    the first value of each field, a value longer than ``max_length`` read as empty (a page
+    then says what is missing rather than storing or hashing it), uploaded files ignored."""
+    form = await request.form()
+    values: dict[str, str] = {}
+    for name, value in form.multi_items():
+        if isinstance(value, str) and name not in values:
+            values[name] = value if len(value) <= max_length else ""
+    check_csrf(request, values.get(CSRF_FIELD))
+    return values

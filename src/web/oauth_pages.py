@@ -60,7 +60,7 @@ from src.oauth.authorize import (
 )
 from src.oauth.logout import LogoutRequest, parse_logout_request
 from src.users.service import commit_change
-from src.web.csrf import CSRF_FIELD, check_csrf
+from src.web.csrf import checked_form
 from src.web.render import (
     PageRoute,
     clear_session_cookie,
@@ -81,18 +81,6 @@ MAX_PASSWORD = 1024
 _REFUSED = "Sign-in request refused"
 # Where a user the policy (MFA_REQUIRED) asks for a second factor goes before anything else.
 ENROL_FIRST = "/account/security?required=1"
-
-
-async def _form(request: Request) -> dict[str, str]:
-    """The posted form as plain strings, each bounded (longer values are cut to nothing), once
-    its CSRF token is checked (CsrfError, the 403 page, otherwise)."""
-    form = await request.form()
-    values: dict[str, str] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, str) and name not in values:
-            values[name] = value if len(value) <= MAX_FIELD else ""
-    check_csrf(request, values.get(CSRF_FIELD))
-    return values
 
 
 async def _authorization(
@@ -237,7 +225,7 @@ async def signin(
 ) -> Response:
     """Check the password (under the login guard, like the password grant), start a new browser
     session, then carry on with the authorization request, if there is one."""
-    form = await _form(request)
+    form = await checked_form(request)
     authz = form.get("authz", "")
     auth = await _authorization(request, db, settings, authz, 303) if authz else None
     if isinstance(auth, Response):
@@ -341,7 +329,7 @@ async def second_factor(
     background: BackgroundTasks,
 ) -> Response:
     """The code after a right password: the ticket says whose password it was."""
-    form = await _form(request)
+    form = await checked_form(request)
     authz = form.get("authz", "")
     auth = await _authorization(request, db, settings, authz, 303) if authz else None
     if isinstance(auth, Response):
@@ -419,7 +407,7 @@ async def _start_browser_session(
 async def consent(
     request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
 ) -> Response:
-    form = await _form(request)
+    form = await checked_form(request)
     auth = await _authorization(request, db, settings, form.get("authz", ""), 303)
     if isinstance(auth, Response):
         return auth
@@ -468,7 +456,7 @@ async def logout_page(
 async def logout(
     request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep
 ) -> Response:
-    form = await _form(request)
+    form = await checked_form(request)
     try:
         logout_ = await parse_logout_request(db, sec, form.get("logout_request", ""))
     except PageError as exc:

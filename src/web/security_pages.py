@@ -19,23 +19,13 @@ from src.auth import mfa, step_up
 from src.auth.browser import BrowserSignIn, cookie_name, current_browser_session
 from src.auth.context import Security
 from src.errors import DomainError, TooManyRequests
-from src.web.csrf import CSRF_FIELD, check_csrf
+from src.web.csrf import checked_form
 from src.web.render import PageRoute, redirect, render, render_error
 
 router = APIRouter(route_class=PageRoute, include_in_schema=False)
 
 SECURITY = "/account/security"
 MAX_FIELD = 1024
-
-
-async def _form(request: Request) -> dict[str, str]:
-    form = await request.form()
-    values: dict[str, str] = {}
-    for name, value in form.multi_items():
-        if isinstance(value, str) and name not in values:
-            values[name] = value if len(value) <= MAX_FIELD else ""
-    check_csrf(request, values.get(CSRF_FIELD))
-    return values
 
 
 async def _signed_in(request: Request, db: Any) -> BrowserSignIn | None:
@@ -115,7 +105,7 @@ async def reauthenticate(
     who: ClientDep,
     background: BackgroundTasks,
 ) -> Response:
-    form = await _form(request)
+    form = await checked_form(request, MAX_FIELD)
     signin = await _signed_in(request, db)
     if signin is None:
         return redirect("/account/signin", 303)
@@ -156,7 +146,7 @@ async def _gate(
 
 @router.post(f"{SECURITY}/totp")
 async def start_authenticator(request: Request, db: SessionDep, sec: SecurityDep) -> Response:
-    form = await _form(request)
+    form = await checked_form(request, MAX_FIELD)
     signin, answer = await _gate(request, db, sec)
     if signin is None:
         assert answer is not None
@@ -203,7 +193,7 @@ async def confirm_authenticator(
     sec: SecurityDep,
     who: ClientDep,
 ) -> Response:
-    form = await _form(request)
+    form = await checked_form(request, MAX_FIELD)
     signin, answer = await _gate(request, db, sec)
     if signin is None:
         assert answer is not None
@@ -235,7 +225,7 @@ async def remove_authenticator(
     sec: SecurityDep,
     who: ClientDep,
 ) -> Response:
-    form = await _form(request)
+    form = await checked_form(request, MAX_FIELD)
     signin, answer = await _gate(request, db, sec)
     if signin is None:
         assert answer is not None
@@ -252,7 +242,7 @@ async def remove_authenticator(
 async def new_recovery_codes(
     request: Request, db: SessionDep, sec: SecurityDep, settings: SettingsDep, who: ClientDep
 ) -> Response:
-    form = await _form(request)
+    form = await checked_form(request, MAX_FIELD)
     signin, answer = await _gate(request, db, sec)
     if signin is None:
         assert answer is not None
