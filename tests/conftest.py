@@ -30,6 +30,8 @@ from redis.asyncio import Redis
 from src.config.settings import Settings
 from src.db.session import upgrade_database
 from tests.support.app import OPERATOR_TOKEN, bearer, login, running_app
+from tests.support.oidc import ADMIN_PASSWORD as ADMIN_PASSWORD
+from tests.support.oidc import ISSUER
 from tests.support.servers import KafkaBroker, RedisServer, postgres_admin_url
 
 
@@ -229,9 +231,6 @@ async def clean_db(database_url: str) -> None:
         await conn.close()
 
 
-ADMIN_PASSWORD = "admin password for tests"
-
-
 @pytest_asyncio.fixture
 async def admin_app(
     make_settings: SettingsFactory, clean_db: None
@@ -242,3 +241,19 @@ async def admin_app(
     async with running_app(settings) as (app, client):
         tokens = await login(client, email, ADMIN_PASSWORD)
         yield app, client, bearer(tokens)
+
+
+@pytest_asyncio.fixture
+async def provider(
+    make_settings: SettingsFactory, clean_db: None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
+    """The OpenID Connect provider at ``tests.support.oidc.ISSUER`` (https, so its cookies are
+    ``__Host-`` and Secure), with its first admin signed in: (app, client, admin header)."""
+    admin_email = f"admin-{uuid.uuid4().hex[:8]}@example.com"
+    settings = make_settings(
+        PUBLIC_BASE_URL=ISSUER, FIRST_ADMIN_EMAIL=admin_email, FIRST_ADMIN_PASSWORD=ADMIN_PASSWORD
+    )
+    async with running_app(settings) as (app, _):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as client:
+            yield app, client, bearer(await login(client, admin_email, ADMIN_PASSWORD))

@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pyotp
 import pytest
-import pytest_asyncio
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 from fastapi import FastAPI
 
 from src.auth.challenge import BROWSER, issue_ticket, open_ticket
 from src.auth.signin import MFA_GRANT
 from src.db.types import utcnow
-from tests.conftest import SettingsFactory
-from tests.support.app import PASSWORD, bearer, register, running_app, unique_email
+from tests.support.app import PASSWORD, bearer, register, unique_email
 from tests.support.auth import client_from, outbox, password_grant, unverified_claims
 from tests.support.oidc import (
+    ISSUER,
     authorize_query,
     create_client,
     exchange,
@@ -32,24 +30,7 @@ from tests.support.oidc import (
     register_client,
 )
 
-ISSUER = "https://id.example.com"
 TOKEN_URL = f"{ISSUER}/oauth2/token"
-ADMIN_PASSWORD = "admin password for tests"
-
-
-@pytest_asyncio.fixture
-async def provider(
-    make_settings: SettingsFactory, clean_db: None
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
-    admin_email = unique_email("admin")
-    settings = make_settings(
-        PUBLIC_BASE_URL=ISSUER, FIRST_ADMIN_EMAIL=admin_email, FIRST_ADMIN_PASSWORD=ADMIN_PASSWORD
-    )
-    async with running_app(settings) as (app, _):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as client:
-            admin = bearer((await password_grant(client, admin_email, ADMIN_PASSWORD)).json())
-            yield app, client, admin
 
 
 class Enrolled:

@@ -10,69 +10,45 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import httpx
 import pytest
-import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import update
 
 from src.db.models import AuthorizationCode, UserSession
 from src.db.types import utcnow
-from tests.conftest import SettingsFactory
-from tests.support.app import PASSWORD, bearer, register, running_app, unique_email
+from tests.support.app import PASSWORD, bearer, unique_email
 from tests.support.auth import _sessions, assert_oauth_error, password_grant, set_active
 from tests.support.oidc import (
+    ADMIN_PASSWORD,
+    ISSUER,
     REDIRECT_URI,
+    Provider,
     allow,
     authorize_query,
     code_flow,
     create_client,
     exchange,
     form_posting_to,
+    introspect,
+    new_user,
     pkce_pair,
     query_of,
     sign_in,
 )
 
-ISSUER = "https://id.example.com"
 EVIL = "evil.example.net"
 SESSION_COOKIE = "__Host-ums_session"
 CSRF_COOKIE = "__Host-ums_csrf"
-ADMIN_PASSWORD = "admin password for tests"
-
-Provider = tuple[FastAPI, httpx.AsyncClient, dict[str, str]]
-
-
-@pytest_asyncio.fixture
-async def provider(make_settings: SettingsFactory, clean_db: None) -> AsyncIterator[Provider]:
-    admin_email = unique_email("admin")
-    settings = make_settings(
-        PUBLIC_BASE_URL=ISSUER,
-        FIRST_ADMIN_EMAIL=admin_email,
-        FIRST_ADMIN_PASSWORD=ADMIN_PASSWORD,
-        KAFKA_ENABLED=False,
-    )
-    async with running_app(settings) as (app, _):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as client:
-            tokens = (await password_grant(client, admin_email, ADMIN_PASSWORD)).json()
-            yield app, client, bearer(tokens)
 
 
 def browser(app: FastAPI) -> httpx.AsyncClient:
     """Another browser (its own cookie jar) on the same app."""
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=ISSUER)
-
-
-async def new_user(client: httpx.AsyncClient) -> str:
-    email = unique_email()
-    await register(client, email)
-    return email
 
 
 def assert_refused_page(answer: httpx.Response, *hidden: str) -> None:
@@ -109,15 +85,6 @@ async def third_party_code(
         page = await allow(client, page)
     assert page.status_code in (302, 303), page.text
     return query_of(page.headers["location"])["code"], verifier
-
-
-async def introspect(
-    client: httpx.AsyncClient, creds: tuple[str, str], token: str
-) -> dict[str, Any]:
-    response = await client.post("/oauth2/introspect", data={"token": token}, auth=creds)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
 
 
 async def db_update(app: FastAPI, statement: Any) -> None:

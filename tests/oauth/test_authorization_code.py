@@ -6,20 +6,18 @@ The stock relying party over real HTTP is in test_oidc_live.py, the browser in t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
-import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import update
 
 from src.db.models import AuthorizationCode
 from src.db.types import utcnow
 from tests.conftest import SettingsFactory
-from tests.support.app import PASSWORD, bearer, register, running_app, unique_email
+from tests.support.app import PASSWORD, bearer, running_app
 from tests.support.auth import (
     _sessions,
     assert_oauth_error,
@@ -28,6 +26,7 @@ from tests.support.auth import (
     unverified_claims,
 )
 from tests.support.oidc import (
+    ISSUER,
     REDIRECT_URI,
     allow,
     authorize_query,
@@ -35,45 +34,12 @@ from tests.support.oidc import (
     create_client,
     exchange,
     form_posting_to,
+    introspect,
+    new_user,
     pkce_pair,
     query_of,
     sign_in,
 )
-
-ISSUER = "https://id.example.com"
-
-
-@pytest_asyncio.fixture
-async def provider(
-    make_settings: SettingsFactory, clean_db: None
-) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:
-    admin_email = unique_email("admin")
-    settings = make_settings(
-        PUBLIC_BASE_URL=ISSUER,
-        FIRST_ADMIN_EMAIL=admin_email,
-        FIRST_ADMIN_PASSWORD="admin password for tests",
-    )
-    async with running_app(settings) as (app, _):
-        # Served on https, as in production: the cookies are __Host- and Secure.
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as client:
-            tokens = (await password_grant(client, admin_email, "admin password for tests")).json()
-            yield app, client, bearer(tokens)
-
-
-async def new_user(client: httpx.AsyncClient) -> str:
-    email = unique_email()
-    await register(client, email)
-    return email
-
-
-async def introspect(
-    client: httpx.AsyncClient, creds: tuple[str, str], token: str
-) -> dict[str, Any]:
-    response = await client.post("/oauth2/introspect", data={"token": token}, auth=creds)
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
 
 
 async def test_discovery_names_every_endpoint_and_only_s256(

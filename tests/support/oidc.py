@@ -25,12 +25,19 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from src.db.models import OAuthClient
+from tests.support.app import register, unique_email
 from tests.support.servers import free_port, wait_for_port
 
 if TYPE_CHECKING:
     from authlib.integrations.starlette_client import OAuth
 
 REDIRECT_URI = "https://app.example.com/callback"
+# The provider's public URL in the in-process tests: https, as in production, so the cookies are
+# __Host- and Secure.
+ISSUER = "https://id.example.com"
+ADMIN_PASSWORD = "admin password for tests"
+# The app, a client that talks to it at ISSUER, and the first admin's bearer header.
+Provider = tuple[Any, httpx.AsyncClient, dict[str, str]]
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -252,3 +259,19 @@ async def register_client(app: Any, client_id: str, **fields: Any) -> OAuthClien
         db.add(row)
         await db.commit()
         return row
+
+
+async def new_user(client: httpx.AsyncClient) -> str:
+    """A registered account's email (its password is ``tests.support.app.PASSWORD``)."""
+    email = unique_email()
+    await register(client, email)
+    return email
+
+
+async def introspect(
+    client: httpx.AsyncClient, creds: tuple[str, str], token: str
+) -> dict[str, Any]:
+    response = await client.post("/oauth2/introspect", data={"token": token}, auth=creds)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
