@@ -11,4 +11,6 @@ fi
 
 alembic upgrade head
 # --no-proxy-headers: the app decides whom to trust (TRUSTED_PROXIES), from the real peer.
-exec uvicorn src.main:app --host 0.0.0.0 --port 8000 --no-proxy-headers
+# WEB_CONCURRENCY server processes (one per core is a good start; see BENCHMARKS.md).
+exec uvicorn src.main:app --host 0.0.0.0 --port 8000 --no-proxy-headers \
+    --workers "${WEB_CONCURRENCY:-1}" --no-access-log

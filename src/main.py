@@ -9,8 +9,14 @@ from src import __version__
 from src.api.dependencies import API_V1
 from src.api.docs import install_docs
 from src.api.errors import install_error_handlers
-from src.api.middleware import RequestGuardMiddleware, SecurityHeadersMiddleware
-from src.api.router import api_router
+from src.api.middleware import (
+    Load,
+    OverloadMiddleware,
+    RequestGuardMiddleware,
+    SecurityHeadersMiddleware,
+    security_headers,
+)
+from src.api.router import api_routers
 from src.api.routes import oauth, well_known
 from src.config.events import lifespan
 from src.config.logging import configure_logging
@@ -22,7 +28,7 @@ from src.web.install import install_pages
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build an app; tests pass their own settings, production reads the environment."""
     settings = settings or load_settings()
-    configure_logging(settings.LOG_LEVEL)
+    configure_logging(settings.LOG_LEVEL, settings.LOG_REPEAT_INTERVAL_SECONDS)
     app = FastAPI(
         title=settings.PROJECT_NAME,
         version=__version__,
@@ -35,7 +41,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.connections = Connections()
     install_error_handlers(app)
-    # The last added runs first: security headers wrap everything, even a refused request.
+    # The last added runs first: the overload guard, then the security headers, which wrap
+    # everything else, even a refused request.
     app.add_middleware(
         RequestGuardMiddleware,
         max_body_bytes=settings.MAX_REQUEST_BODY_BYTES,
@@ -50,10 +57,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["ETag", "Location", "Retry-After"],
             max_age=600,
         )
+    hsts = settings.PUBLIC_BASE_URL.lower().startswith("https://")
+    app.add_middleware(SecurityHeadersMiddleware, hsts=hsts)
+    app.state.load = Load()
     app.add_middleware(
-        SecurityHeadersMiddleware, hsts=settings.PUBLIC_BASE_URL.lower().startswith("https://")
+        OverloadMiddleware,
+        limit=settings.MAX_REQUESTS_IN_FLIGHT,
+        load=app.state.load,
+        exempt_prefix=f"{API_V1}/health",
+        security_headers=security_headers(hsts),
+        log_interval=settings.LOG_REPEAT_INTERVAL_SECONDS,
     )
-    app.include_router(api_router, prefix=API_V1)
+    for router in api_routers:
+        app.include_router(router, prefix=API_V1)
     app.include_router(well_known.router)
     app.include_router(oauth.discovery)
     app.include_router(oauth.router)

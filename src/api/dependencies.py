@@ -1,4 +1,8 @@
-"""Small typed FastAPI dependencies: what a route needs, by name."""
+"""Small typed FastAPI dependencies: what a route needs, by name.
+
+They are all ``async def`` although most never await: FastAPI runs a plain ``def`` dependency in
+the thread pool, a hop to another thread and back on every request for a dictionary lookup.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.api.client_address import client_ip
-from src.app.container import app_services
+from src.app.container import AppServices, app_services
 from src.auth import service as auth_service
 from src.auth import step_up
 from src.auth.context import Principal, Security
@@ -20,7 +24,6 @@ from src.auth.service import ClientInfo
 from src.config.settings import Settings
 from src.db.session import close_session
 from src.errors import NotAuthenticated, PermissionDenied, StepUpRequired
-from src.oauth.clients import get_client
 from src.services.connections import get_kafka_from_app, get_redis_from_app
 from src.services.kafka.manager import KafkaManager
 
@@ -32,12 +35,12 @@ audit = logging.getLogger("src.auth.audit")
 bearer_transport = OAuth2PasswordBearer(tokenUrl=f"{API_V1}/auth/login", auto_error=False)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_security(request: Request) -> Security:
+async def get_security(request: Request) -> Security:
     return app_services(request.app).security
 
 
@@ -53,20 +56,20 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         await close_session(session, services.settings.DATABASE_CLOSE_TIMEOUT)
 
 
-def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
+async def get_sessionmaker(request: Request) -> async_sessionmaker[AsyncSession]:
     """For work that runs after the response and opens its own session."""
     return app_services(request.app).sessionmaker
 
 
-def get_redis(request: Request) -> Redis | None:
+async def get_redis(request: Request) -> Redis | None:
     return get_redis_from_app(request.app)
 
 
-def get_kafka(request: Request) -> KafkaManager | None:
+async def get_kafka(request: Request) -> KafkaManager | None:
     return get_kafka_from_app(request.app)
 
 
-def get_client_info(request: Request) -> ClientInfo:
+async def get_client_info(request: Request) -> ClientInfo:
     settings: Settings = request.app.state.settings
     ip = client_ip(
         request.client.host if request.client else None,
@@ -86,15 +89,24 @@ KafkaDep = Annotated[KafkaManager | None, Depends(get_kafka)]
 ClientDep = Annotated[ClientInfo, Depends(get_client_info)]
 
 
+async def get_services(request: Request) -> AppServices:
+    return app_services(request.app)
+
+
+ServicesDep = Annotated[AppServices, Depends(get_services)]
+
+
 async def get_current_user(
-    db: SessionDep,
-    sec: SecurityDep,
-    token: Annotated[str | None, Depends(bearer_transport)],
+    services: ServicesDep, token: Annotated[str | None, Depends(bearer_transport)]
 ) -> Principal:
+    """The caller. No database session is opened when the cache answers (most requests)."""
     if not token:
         raise NotAuthenticated()
-    principal = await auth_service.authenticate(db, sec, token)
-    if principal.client_id is not None and not await _first_party(db, principal.client_id):
+    sessions = services.sessionmaker
+    principal = await auth_service.authenticate(sessions, services.security, token)
+    if principal.client_id is not None and not await services.first_party.check(
+        sessions, principal.client_id
+    ):
         # A third-party application's token is for /oauth2/userinfo (and the scopes the user
         # allowed it), not a key to the account: it must not change a password or act as admin.
         audit.info(
@@ -107,11 +119,6 @@ async def get_current_user(
             headers={"WWW-Authenticate": 'Bearer error="insufficient_scope"'},
         )
     return principal
-
-
-async def _first_party(db: AsyncSession, client_id: str) -> bool:
-    client = await get_client(db, client_id)
-    return client is not None and client.first_party
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]

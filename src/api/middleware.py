@@ -7,6 +7,9 @@ header or the body (400). PostgreSQL cannot store or compare NUL in text, so one
 used to be a 500 with a traceback; refusing it here covers every parameter of every operation,
 present and future, in one place.
 
+``OverloadMiddleware`` caps the requests one process serves at once: beyond the cap a request is
+answered 503 with ``Retry-After`` before any work.
+
 ``SecurityHeadersMiddleware`` adds the headers OWASP recommends for an API to every response that
 does not set its own: no sniffing, no referrer, no framing, a CSP that allows nothing (JSON needs
 nothing), ``Cache-Control: no-store`` (answers are user-specific), and HSTS when the service is
@@ -15,13 +18,18 @@ served over https.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.api.errors import problem_response
+
+logger = logging.getLogger(__name__)
 
 # A JSON string escape for U+0000 not itself escaped: "\u0000", "\\\u0000", but not "\\u0000".
 _JSON_NUL = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -145,20 +153,111 @@ class RequestGuardMiddleware:
 _NUL_DETAIL = "The request contains a NUL character, which no field accepts."
 
 
+@dataclass
+class Load:
+    """What ``OverloadMiddleware`` counts (``app.state.load``): requests being served now, and
+    requests refused since start-up."""
+
+    in_flight: int = 0
+    refused: int = 0
+
+
+class OverloadMiddleware:
+    """At most ``limit`` requests at once in this process; the rest get 503 at once.
+
+    A process that admits everything under a flood serves everyone slowly: each request waits
+    behind all the others for the event loop and the database pool, until clients time out and
+    retry. Refusing the excess up front keeps the admitted requests fast and tells the others
+    when to come back (``Retry-After``). A client that does not wait comes straight back, so a
+    refusal must cost next to nothing: it is the outermost middleware, and its answer (with the
+    security headers) is built once. Health probes are never refused: a busy process is alive,
+    and must not be restarted for being busy.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        load: Load,
+        exempt_prefix: str,
+        security_headers: list[tuple[str, str]],
+        log_interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.load = load
+        self.exempt_prefix = exempt_prefix
+        body = problem_response(503, "The service is busy; try again in a moment.").body
+        self._start: Message = {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+                *((name.lower().encode(), value.encode()) for name, value in security_headers),
+            ],
+        }
+        self._body: Message = {"type": "http.response.body", "body": body}
+        self._log_interval = log_interval
+        self._clock = clock
+        self._logged_at: float | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or self.limit <= 0
+            or scope["path"].startswith(self.exempt_prefix)
+        ):
+            await self.app(scope, receive, send)
+            return
+        load = self.load
+        if load.in_flight >= self.limit:
+            load.refused += 1
+            self._note_refusal()
+            await send(self._start)
+            await send(self._body)
+            return
+        load.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            load.in_flight -= 1
+
+    def _note_refusal(self) -> None:
+        # One line per interval, with the running total, rather than one per refused request.
+        now = self._clock()
+        if self._logged_at is None or now - self._logged_at >= self._log_interval:
+            self._logged_at = now
+            logger.warning(
+                "Overloaded: %d requests refused with 503 since start-up "
+                "(MAX_REQUESTS_IN_FLIGHT=%d reached)",
+                self.load.refused,
+                self.limit,
+            )
+
+
+def security_headers(hsts: bool) -> list[tuple[str, str]]:
+    """What every response carries unless it sets its own (OWASP's advice for an API)."""
+    headers = [
+        ("X-Content-Type-Options", "nosniff"),
+        ("Referrer-Policy", "no-referrer"),
+        ("X-Frame-Options", "DENY"),
+        ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+        ("Cache-Control", "no-store"),
+    ]
+    if hsts:
+        headers.append(("Strict-Transport-Security", "max-age=31536000"))
+    return headers
+
+
 class SecurityHeadersMiddleware:
     """Add the default security headers to every HTTP response that does not set its own."""
 
     def __init__(self, app: ASGIApp, hsts: bool) -> None:
         self.app = app
-        self.defaults: list[tuple[str, str]] = [
-            ("X-Content-Type-Options", "nosniff"),
-            ("Referrer-Policy", "no-referrer"),
-            ("X-Frame-Options", "DENY"),
-            ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
-            ("Cache-Control", "no-store"),
-        ]
-        if hsts:
-            self.defaults.append(("Strict-Transport-Security", "max-age=31536000"))
+        self.defaults = security_headers(hsts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

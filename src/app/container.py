@@ -19,6 +19,7 @@ from src.config.settings import Settings
 from src.events.audit import AuditConsumer
 from src.events.relay import OutboxRelay
 from src.mail.courier import Courier
+from src.oauth.clients import FirstPartyClients
 from src.services.connections import Connections
 
 if TYPE_CHECKING:
@@ -35,6 +36,8 @@ class AppServices:
     # Set by every commit that recorded events: wakes the relay (or the courier) at once.
     outbox_signal: asyncio.Event
     health: HealthShares
+    # Which applications' tokens the account API accepts (looked up once a moment, not per call).
+    first_party: FirstPartyClients
     # Background work the app owns and cancels at shut-down.
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     relay: OutboxRelay | None = None

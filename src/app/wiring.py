@@ -36,6 +36,7 @@ from src.events.audit import AuditConsumer
 from src.events.outbox import OUTBOX_SIGNAL
 from src.events.relay import OutboxRelay, keep_outbox_tidy
 from src.mail.courier import Courier
+from src.oauth.clients import FirstPartyClients
 from src.security.sealing import load_sealer
 from src.services.connections import (
     Connections,
@@ -187,6 +188,7 @@ async def start(app: FastAPI) -> None:
         security=security,
         outbox_signal=signal,
         health=HealthShares(),
+        first_party=FirstPartyClients(settings.AUTH_CACHE_MAX_AGE_SECONDS),
     )
     await _check_database(engine, settings)
     await _load_signing_keys(services)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -304,10 +305,19 @@ class TokenError(Exception):
 
 @dataclass(frozen=True)
 class _KeyRing:
-    """Replaced whole by ``set_keys``, so a token is never checked against half a ring."""
+    """Replaced whole by ``set_keys``, so a token is never checked against half a ring, and the
+    tokens it verified go with it (a retired key's tokens are checked again, and refused)."""
 
     active: SigningKey
     published: dict[str, SigningKey]
+    # Access tokens whose signature and claims this ring has checked: a client sends the same
+    # token with every request, and checking an RS256 signature costs more than the rest of a
+    # cached request. Only verified tokens enter, so a flood of forgeries cannot fill it.
+    verified: dict[str, AccessTokenClaims] = field(default_factory=dict)
+
+
+# Bounded: an entry is a token and its claims (about 1 KiB); the oldest entry goes first.
+VERIFIED_TOKENS_MAX = 4096
 
 
 def _ring(active: SigningKey, published: Sequence[SigningKey]) -> _KeyRing:
@@ -463,7 +473,19 @@ class AccessTokenCodec:
 
     def decode(self, token: str) -> AccessTokenClaims:
         """A user's access token (it names a session); TokenError for anything not issued by
-        us, expired or malformed."""
+        us, expired or malformed. A token verified before is only checked for expiry again."""
+        ring = self._ring
+        claims = ring.verified.get(token)
+        if claims is None:
+            claims = self._access_claims(token)
+            if len(ring.verified) >= VERIFIED_TOKENS_MAX:
+                del ring.verified[next(iter(ring.verified))]
+            ring.verified[token] = claims
+        elif claims.exp <= time.time() - self._leeway:  # PyJWT's own rule, on its clock
+            raise TokenError("token expired")
+        return claims
+
+    def _access_claims(self, token: str) -> AccessTokenClaims:
         payload = self._verify(
             token, issuer=self._issuer, audience=self._audience, require=REQUIRED_CLAIMS
         )

@@ -101,6 +101,13 @@ def check_password_policy(password: str, email: str | None = None) -> None:
             raise PasswordPolicyError("The password must not be your email address.")
 
 
+def hash_workers(cores: int, processes: int) -> int:
+    """Hashing threads for one server process: the cores shared out among the processes. More
+    threads than cores only make every hash slower (argon2 is all CPU), and the event loop
+    needs its share to answer everyone else meanwhile."""
+    return max(1, cores // processes)
+
+
 class PasswordHasher:
     """argon2id with the configured parameters, run off the event loop.
 
@@ -114,7 +121,9 @@ class PasswordHasher:
             parallelism=settings.ARGON2_PARALLELISM,
             type=argon2.Type.ID,
         )
-        workers = settings.PASSWORD_HASH_WORKERS or os.cpu_count() or 1
+        workers = settings.PASSWORD_HASH_WORKERS or hash_workers(
+            os.cpu_count() or 1, settings.WEB_CONCURRENCY
+        )
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="argon2")
         # Computed in the pool right away (nothing blocks here) and awaited by verify_dummy, so an
         # unknown email costs one full verification, the same as a known one.

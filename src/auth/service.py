@@ -22,6 +22,7 @@ from src.auth.jwt import TokenError
 from src.auth.passwords import enforce_password_policy
 from src.auth.rate_limit import LoginDecision, client_key
 from src.db.models import RefreshToken, User, UserSession
+from src.db.session import close_session
 from src.db.types import utcnow
 from src.errors import DomainError, NotAuthenticated, NotFound, OAuthError, TooManyRequests
 from src.events.outbox import EventType, record_event, record_notification
@@ -411,8 +412,11 @@ async def refresh(
 # --- access tokens (the strategy half of "transport + strategy") ------------------------------
 
 
-async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal:
-    """Check an access token and its session; the cache answers when it can, the database else."""
+async def authenticate(
+    sessions: async_sessionmaker[AsyncSession], sec: Security, token: str
+) -> Principal:
+    """Check an access token and its session: the cache answers when it can, else one database
+    read (shared by the requests that miss together), which refills the cache."""
     try:
         claims = sec.tokens.decode(token)
         user_id, session_id = uuid.UUID(claims.sub), uuid.UUID(claims.sid)
@@ -420,22 +424,14 @@ async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal
         audit.info("token refused: reason=%s", exc)
         raise NotAuthenticated("The access token is invalid or expired.") from None
 
+    load = functools.partial(_load_auth, sessions, sec, user_id, session_id)
     cached = await sec.cache.get_auth(user_id, session_id)
-    if cached is not None:
-        user, state = cached
+    if cached is None:
+        user, state = await sec.cache.load_once(user_id, session_id, load)
     else:
-        user_row = await repository.get_user(db, user_id)
-        session_row = await repository.get_session(db, session_id)
-        if user_row is None or session_row is None or session_row.user_id != user_id:
-            raise NotAuthenticated("The session has ended.")
-        user = UserPublic.model_validate(user_row)
-        state = SessionState(
-            user_id=user_id,
-            expires_at=session_row.expires_at,
-            revoked=session_row.revoked_at is not None,
-            checked_at=utcnow(),
-        )
-        await sec.cache.store(user, session_id, state)
+        user, state = cached
+        if sec.cache.ageing(state):
+            sec.cache.refresh_soon(user_id, session_id, load)
     if state.revoked or state.expires_at <= utcnow() or state.user_id != user_id:
         audit.info("token refused: user=%s reason=session_ended", user_id)
         raise NotAuthenticated("The session has ended.")
@@ -450,6 +446,33 @@ async def authenticate(db: AsyncSession, sec: Security, token: str) -> Principal
         amr=claims.amr,
         auth_time=claims.auth_time,
     )
+
+
+async def _load_auth(
+    sessions: async_sessionmaker[AsyncSession],
+    sec: Security,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+) -> tuple[UserPublic, SessionState]:
+    # The moment before the read: an answer is never believed longer than the bound allows.
+    checked_at = utcnow()
+    db = sessions()
+    try:
+        user_row = await repository.get_user(db, user_id)
+        session_row = await repository.get_session(db, session_id)
+        if user_row is None or session_row is None or session_row.user_id != user_id:
+            raise NotAuthenticated("The session has ended.")
+        user = UserPublic.model_validate(user_row)
+        state = SessionState(
+            user_id=user_id,
+            expires_at=session_row.expires_at,
+            revoked=session_row.revoked_at is not None,
+            checked_at=checked_at,
+        )
+    finally:
+        await close_session(db, sec.settings.DATABASE_CLOSE_TIMEOUT)
+    await sec.cache.store(user, session_id, state)
+    return user, state
 
 
 # --- sessions -------------------------------------------------------------------------------------

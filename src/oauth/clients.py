@@ -19,15 +19,16 @@ import ipaddress
 import logging
 import re
 import secrets
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import SplitResult, urlsplit
 
 from sqlalchemy import delete, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm.exc import StaleDataError
 
 from src.config.settings import Settings
@@ -251,6 +252,39 @@ async def get_client(db: AsyncSession, client_id: str) -> OAuthClient | None:
         return None
     result = await db.execute(select(OAuthClient).where(OAuthClient.client_id == client_id))
     return result.scalar_one_or_none()
+
+
+class FirstPartyClients:
+    """Whether a client is first-party, remembered for ``max_age_seconds``.
+
+    The account API asks this for every request made with an application's token; without it,
+    each such request costs a query. A client deleted or demoted is refused at most
+    ``max_age_seconds`` later: the same bound as a cached session (AUTH_CACHE_MAX_AGE_SECONDS).
+    """
+
+    def __init__(
+        self,
+        max_age_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = 1024,
+    ) -> None:
+        self._max_age = max_age_seconds
+        self._clock = clock
+        self._max_entries = max_entries
+        self._known: dict[str, tuple[bool, float]] = {}
+
+    async def check(self, sessions: async_sessionmaker[AsyncSession], client_id: str) -> bool:
+        known = self._known.get(client_id)
+        now = self._clock()
+        if known is not None and now - known[1] <= self._max_age:
+            return known[0]
+        async with sessions() as db:
+            client = await get_client(db, client_id)
+        first_party = client is not None and client.first_party
+        if len(self._known) >= self._max_entries:
+            self._known.clear()  # only ever holds registered clients: a handful
+        self._known[client_id] = (first_party, now)
+        return first_party
 
 
 async def authenticate_client(

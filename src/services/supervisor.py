@@ -4,6 +4,11 @@ One small loop per dependency. While a dependency is up it is probed every
 ``SUPERVISOR_INTERVAL`` seconds; while it is down, reconnection is retried with exponential
 backoff from ``RECONNECT_BACKOFF_INITIAL`` up to ``RECONNECT_BACKOFF_MAX``. Only changes of state
 are logged, so a long outage is one warning, not a flood.
+
+A probe that times out while the event loop itself runs late (a flood of requests) says nothing
+about the dependency: its answer may be sitting unread in a socket. Declaring Redis or Kafka lost
+then would turn a busy service into a slower one (no cache, no events), so such a timeout is
+retried, up to ``INCONCLUSIVE_LIMIT`` times in a row, before it counts (``LoopLag``).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from src.config.settings import Settings
 from src.services.connections import Connections
@@ -20,6 +27,35 @@ logger = logging.getLogger(__name__)
 
 Probe = Callable[[], Awaitable[None]]
 
+# Timeouts in a row forgiven to a late event loop before the dependency is declared lost.
+INCONCLUSIVE_LIMIT = 5
+
+
+class LoopLag:
+    """How late the event loop runs what is due: a sleeper that notes how late it wakes up."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.period = period
+        self._latest = 0.0
+        self._due: float | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._due = loop.time() + self.period
+            await asyncio.sleep(self.period)
+            self._latest = max(0.0, loop.time() - self._due)
+
+    def seconds(self) -> float:
+        """The latest lag, or the current one if the sleeper is overdue right now."""
+        overdue = asyncio.get_running_loop().time() - self._due if self._due is not None else 0
+        return max(self._latest, overdue)
+
+
+def _inconclusive(exc: Exception, lag: LoopLag | None, timeout: float) -> bool:
+    timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+    return timed_out and lag is not None and lag.seconds() >= timeout / 2
+
 
 async def _watch(
     connections: Connections,
@@ -28,13 +64,26 @@ async def _watch(
     probe: Probe,
     settings: Settings,
     on_recovery: Callable[[], None] | None = None,
+    lag: LoopLag | None = None,
 ) -> None:
     delay = settings.RECONNECT_BACKOFF_INITIAL
+    forgiven = 0
     while True:
         try:
             await probe()
         except Exception as exc:  # noqa: BLE001 - any failure means "down"; keep watching
-            if getattr(connections, flag):
+            up = getattr(connections, flag)
+            if (
+                up
+                and forgiven < INCONCLUSIVE_LIMIT
+                and _inconclusive(exc, lag, settings.HEALTH_CHECK_TIMEOUT)
+            ):
+                forgiven += 1
+                logger.debug("%s probe timed out while the event loop runs late", name)
+                await asyncio.sleep(settings.SUPERVISOR_INTERVAL)
+                continue
+            forgiven = 0
+            if up:
                 setattr(connections, flag, False)
                 # A timeout's text is empty: name the exception rather than log "()".
                 reason = str(exc) or type(exc).__name__
@@ -42,6 +91,7 @@ async def _watch(
             await asyncio.sleep(delay)
             delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
             continue
+        forgiven = 0
         if not getattr(connections, flag):
             setattr(connections, flag, True)
             logger.info("%s connection (re)established", name)
@@ -61,7 +111,8 @@ def start_supervisor(
     ``on_kafka_recovery`` runs the moment Kafka is back (the relay is woken with it, rather than
     waiting out its own backoff while the broker is already there).
     """
-    tasks: list[asyncio.Task[None]] = []
+    lag = LoopLag()
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(lag.run(), name="loop-lag")]
     client = connections.redis
     if settings.REDIS_ENABLED and client is not None:
         redis_client = client
@@ -75,7 +126,7 @@ def start_supervisor(
 
         tasks.append(
             asyncio.create_task(
-                _watch(connections, "Redis", "redis_available", probe_redis, settings),
+                _watch(connections, "Redis", "redis_available", probe_redis, settings, lag=lag),
                 name="supervisor:redis",
             )
         )
@@ -102,6 +153,7 @@ def start_supervisor(
                     probe_kafka,
                     settings,
                     on_kafka_recovery,
+                    lag,
                 ),
                 name="supervisor:kafka",
             )

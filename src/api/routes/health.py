@@ -102,8 +102,7 @@ async def is_operator(
         return True
     try:
         services = app_services(request.app)
-        async with services.sessionmaker() as db:
-            principal = await authenticate(db, services.security, token)
+        principal = await authenticate(services.sessionmaker, services.security, token)
     except Exception:  # noqa: BLE001 - not an operator: a bad token, or no database to ask
         return False
     return principal.is_admin

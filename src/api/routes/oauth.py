@@ -15,6 +15,7 @@ from urllib.parse import unquote_plus
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Form, Header, Response
 from fastapi.responses import JSONResponse
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from src.api.dependencies import (
     ClientDep,
@@ -356,10 +357,12 @@ async def token(
 # --- userinfo -------------------------------------------------------------------------------------
 
 
-async def _userinfo(db: Any, sec: Security, token: str | None) -> dict[str, Any]:
+async def _userinfo(
+    sessions: async_sessionmaker[AsyncSession], sec: Security, token: str | None
+) -> dict[str, Any]:
     if not token:
         raise NotAuthenticated()
-    principal: Principal = await auth_service.authenticate(db, sec, token)
+    principal: Principal = await auth_service.authenticate(sessions, sec, token)
     # A token of the service's own API (no client) may read everything /users/me shows anyway.
     own_api = principal.client_id is None and principal.scope is None
     scopes = {"openid", "profile", "email"} if own_api else set((principal.scope or "").split())
@@ -373,25 +376,25 @@ async def _userinfo(db: Any, sec: Security, token: str | None) -> dict[str, Any]
 
 @router.get("/userinfo", responses={401: PROBLEM, 403: PROBLEM})
 async def userinfo(
-    db: SessionDep,
+    sessions: SessionMakerDep,
     sec: SecurityDep,
     response: Response,
     token: Annotated[str | None, Depends(bearer_transport)],
 ) -> dict[str, Any]:
     """OpenID Connect Core section 5.3: the signed-in user's claims, as the scopes allow."""
     response.headers.update(NO_STORE)
-    return await _userinfo(db, sec, token)
+    return await _userinfo(sessions, sec, token)
 
 
 @router.post("/userinfo", responses={401: PROBLEM, 403: PROBLEM})
 async def userinfo_post(
-    db: SessionDep,
+    sessions: SessionMakerDep,
     sec: SecurityDep,
     response: Response,
     token: Annotated[str | None, Depends(bearer_transport)],
 ) -> dict[str, Any]:
     response.headers.update(NO_STORE)
-    return await _userinfo(db, sec, token)
+    return await _userinfo(sessions, sec, token)
 
 
 # --- revocation and introspection -----------------------------------------------------------------

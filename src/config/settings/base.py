@@ -38,7 +38,18 @@ class Settings(BaseSettings):
     ENVIRONMENT: Environment = Environment.DEVELOPMENT
     PROJECT_NAME: str = "User Management Service"
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # A warning or error repeated (same place, same message) within this many seconds is written
+    # once, then once more with the count when the interval is over: an outage or an overload
+    # is a few lines, not one per request. 0 writes every line.
+    LOG_REPEAT_INTERVAL_SECONDS: float = Field(default=10.0, ge=0, le=3600)
     DATA_DIR: Path = Path("./data")
+    # Server processes (uvicorn reads WEB_CONCURRENCY itself as its --workers default; the
+    # Dockerfile and `make run` pass it). The password hashing threads are shared out among them.
+    WEB_CONCURRENCY: int = Field(default=1, ge=1, le=64)
+    # Requests one process serves at once; beyond it a request is answered 503 with Retry-After
+    # at once, before any work, so those admitted keep their latency. Health probes are never
+    # refused. 0 turns the cap off.
+    MAX_REQUESTS_IN_FLIGHT: int = Field(default=100, ge=0, le=100_000)
 
     # --- database ------------------------------------------------------------------------------
     DATABASE_URL: str = "sqlite+aiosqlite:///./data/app.db"
@@ -177,7 +188,8 @@ class Settings(BaseSettings):
     ARGON2_TIME_COST: int = Field(default=2, ge=1, le=20)
     ARGON2_MEMORY_COST: int = Field(default=19456, ge=8192, le=4_194_304)
     ARGON2_PARALLELISM: int = Field(default=1, ge=1, le=16)
-    # Threads that hash passwords off the event loop; 0 means one per core.
+    # Threads that hash passwords off the event loop; 0 means the cores shared out among the
+    # WEB_CONCURRENCY processes (at least one each).
     PASSWORD_HASH_WORKERS: int = Field(default=0, ge=0, le=256)
 
     # --- brute-force protection -----------------------------------------------------------------
