@@ -25,7 +25,7 @@ from src.auth.passwords import hash_workers
 from src.config.settings import Settings
 from src.db.types import utcnow
 from src.oauth.clients import FirstPartyClients
-from src.users.cache import SessionState, UserCache
+from src.users.cache import SessionState, UserCache, user_key
 from src.users.schemas import UserPublic
 from tests.support.app import bearer, login, register, running_app
 from tests.support.auth import QUICK_SETTINGS, assert_unauthenticated
@@ -306,3 +306,34 @@ def test_hashing_threads_share_the_cores_among_the_processes(
     cores: int, processes: int, threads: int
 ) -> None:
     assert hash_workers(cores, processes) == threads
+
+
+# --- a sign-in leaves the cache warm, unless it changed the user's row -----------------------
+
+
+async def test_a_sign_in_keeps_the_users_cached_copy(
+    make_settings: Callable[..., Settings], redis_client: Redis
+) -> None:
+    async with running_app(make_settings()) as (_, client):
+        user = await register(client)
+        auth = bearer(await login(client, user["email"]))
+        assert (await client.get(ME, headers=auth)).status_code == 200
+        key = user_key(uuid.UUID(user["id"]))
+        assert await redis_client.exists(key) == 1
+        await login(client, user["email"])
+        assert await redis_client.exists(key) == 1
+
+
+async def test_a_sign_in_that_upgrades_the_hash_drops_the_cached_copy(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_app(make_settings(ARGON2_TIME_COST=1)) as (_, client):
+        user = await register(client)
+        earlier = bearer(await login(client, user["email"]))
+        assert (await client.get(ME, headers=earlier)).json()["version"] == 1  # cached now
+    # The same database and Redis, with stronger parameters: the next sign-in rehashes.
+    async with running_app(make_settings(ARGON2_TIME_COST=2)) as (_, client):
+        await login(client, user["email"])
+        me = await client.get(ME, headers=earlier)  # its session's entry is still cached
+        assert me.status_code == 200
+        assert me.json()["version"] == 2, "the cached copy from before the rehash was served"

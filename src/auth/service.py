@@ -128,9 +128,19 @@ async def complete_sign_in(
     await notice_new_address(db, sec, user, client)
     session, refresh = await open_session(db, sec, user, client, client_id, amr=amr, scope=scope)
     record_sign_in(db, sec, session, client, "password_grant")
-    await commit_change(db, sec, [user.id])
+    await commit_change(db, sec, changed_users(db, user))
     audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
     return token_response(sec, user, session, refresh)
+
+
+# In the session's info: users whose password hash this transaction upgraded.
+_REHASHED = "ums.rehashed_users"
+
+
+def changed_users(db: AsyncSession, user: User) -> list[uuid.UUID]:
+    """``[user.id]`` if the sign-in changed the user's row (a password rehash), so its cached
+    copy must go; otherwise nothing: a sign-in alone leaves the cache warm."""
+    return [user.id] if user.id in db.info.get(_REHASHED, ()) else []
 
 
 def record_sign_in(
@@ -213,6 +223,7 @@ async def check_password(
         # The upgrade bumps the row's version (optimistic locking): the caller's commit_change
         # with the user's id drops a cached copy like any other change.
         user.password_hash = await sec.hasher.hash(password)
+        db.info.setdefault(_REHASHED, set()).add(user.id)
     return user
 
 

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from src.auth import mfa
 from src.auth.challenge import amr_for, issue_ticket, open_ticket
 from src.auth.context import Security
-from src.auth.service import ClientInfo, check_password, complete_sign_in
+from src.auth.service import ClientInfo, changed_users, check_password, complete_sign_in
 from src.errors import OAuthError
 from src.users import repository
 from src.users.schemas import TokenResponse
@@ -50,7 +50,7 @@ async def password_grant(
     second_step = not enrol_first and await mfa.has_second_factor(db, user.id)
     if enrol_first or second_step:
         # The sign-in stops here for now: keep what the password check did (a rehash).
-        await commit_change(db, sec, [user.id])
+        await commit_change(db, sec, changed_users(db, user))
     if enrol_first:
         audit.info("login needs an enrolment first: user=%s ip=%s", user.id, who.ip)
         raise OAuthError(

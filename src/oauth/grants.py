@@ -114,7 +114,7 @@ async def exchange_code(
     )
     row.session_id = session.id
     record_sign_in(db, sec, session, who, "authorization_code")
-    await commit_change(db, sec, [user.id])
+    await commit_change(db, sec)  # no user row changed: the user's cached copy stays
     audit.info(
         "code exchanged: user=%s client=%s ip=%s session=%s",
         user.id,

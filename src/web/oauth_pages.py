@@ -260,7 +260,7 @@ async def signin(
         )  # fmt: skip
     if await mfa.has_second_factor(db, user.id):
         # The sign-in waits for the second step; keep what the password check did (a rehash).
-        await commit_change(db, sec, [user.id])
+        await commit_change(db, sec, auth_service.changed_users(db, user))
         ticket = issue_ticket(sec, user.id, BROWSER)
         has_passkey = bool(await passkeys.list_passkeys(db, user.id))
         return _second_factor_page(request, ticket, authz, auth, has_passkey=has_passkey)
