@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.api.errors import problem_response
@@ -80,6 +79,14 @@ class RequestGuardMiddleware:
             # Parsers disagree on which one counts (the first, the last): refuse to guess.
             await self._reject(scope, receive, send, 400, "More than one Content-Type header.")
             return
+        if not any(name == b"transfer-encoding" for name, _ in headers) and not any(
+            name == b"content-length" and value.strip() not in (b"", b"0")
+            for name, value in headers
+        ):
+            # No body announced, so HTTP/1.1 sends none (a GET, most of the traffic): nothing
+            # to read ahead or check.
+            await self.app(scope, receive, send)
+            return
         try:
             body, final = await self._read_body(receive)
         except _TooLarge:
@@ -102,6 +109,15 @@ class RequestGuardMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    @staticmethod
+    def _announces_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+        for name, value in headers:
+            if name == b"transfer-encoding":
+                return True
+            if name == b"content-length" and value.strip() not in (b"", b"0"):
+                return True
+        return False
 
     @staticmethod
     def _announced_length(headers: Iterable[tuple[bytes, bytes]]) -> int:
@@ -257,7 +273,8 @@ class SecurityHeadersMiddleware:
 
     def __init__(self, app: ASGIApp, hsts: bool) -> None:
         self.app = app
-        self.defaults = security_headers(hsts)
+        # As ASGI carries them (lower-case bytes), encoded once rather than on every response.
+        self.defaults = [(n.lower().encode(), v.encode()) for n, v in security_headers(hsts)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -266,10 +283,10 @@ class SecurityHeadersMiddleware:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in self.defaults:
-                    if name not in headers:
-                        headers[name] = value
+                headers = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in headers}
+                headers.extend(item for item in self.defaults if item[0] not in present)
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, with_headers)
