@@ -1,188 +1,738 @@
-"""``make bench``: our costs as ratios against baselines measured in the same run.
+"""``make bench``: the service as real processes under ``wrk``, against baselines on the same cores.
 
 Absolute numbers on a shared 2-core machine mean little; ratios against a baseline measured
-moments before, on the same cores, do. Everything runs in-process over ASGI (no sockets), so the
-figures are the application's own overhead.
+moments before, on the same cores, under the same load generator, do. So every figure has one:
 
-- request overhead: our ``/health/live`` and an authenticated ``GET /users/me`` against a bare
-  FastAPI route;
-- login: token-endpoint logins per second against raw argon2id verifications per second with the
-  same parameters and the same number of threads;
-- JWT: signing with the key object loaded once against re-parsing PEM text each time;
-- the account oracle (``bench/oracle.py``): password-reset requests for a known and an unknown
-  address, timed with ``wrk`` against a real uvicorn process;
-- start-up (``bench/startup.py``): launch to the first 200, with Redis and Kafka absent or silent.
+- requests: the service (``python -m uvicorn src.main:app``, production settings, PostgreSQL,
+  Redis, a Kafka-protocol broker) against a bare FastAPI app (``bench/bare.py``) served by the
+  identical uvicorn command, answering bodies of the same shape and size;
+- login and registration: raw argon2id verifications (hashes) per second on the same cores;
+- the outbox relay: a bare aiokafka producer sending the same bytes (``bench/relay.py``).
 
-Uses SQLite in a temporary folder and runs with Redis and Kafka as configured by the environment
-(``REDIS_ENABLED=false KAFKA_ENABLED=false`` to leave them out).
+Baseline and subject alternate in rounds (ABBA: a drift in the machine's load favours neither),
+and medians are reported. The report goes to stdout and to the bench's section of
+BENCHMARKS.md (``bench/report.py``). Then the account oracle (``bench/oracle.py``) and start-up
+(``bench/startup.py``) run, as before.
+
+Exits non-zero only when something is broken (a server does not start, wrk is missing), never
+because a target is missed. ``BENCH_QUICK=1``: one round of 2 s runs, to check the harness.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
+import platform
+import shutil
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from urllib.parse import urlencode
 
 import httpx
-import jwt
-from argon2 import PasswordHasher, Type
-from asgi_lifespan import LifespanManager
-from cryptography.hazmat.primitives import serialization
-from fastapi import FastAPI
 
 from bench import oracle, startup
-from src.app.container import app_services
+from bench.relay import RelayFigures
+from bench.relay import measure as measure_relay
+from bench.report import (
+    MET,
+    MISSED,
+    Report,
+    Row,
+    cpu_model,
+    markdown,
+    text_table,
+    verdict,
+    write_section,
+)
+from bench.seed import PASSWORD, Seeded, refresh_tokens, seed
+from bench.stack import (
+    LIVE,
+    REPO,
+    BenchDatabase,
+    BenchRedis,
+    Server,
+    rss_mib,
+    service_environment,
+    settings_from,
+    start_broker,
+    stop_broker,
+    write_secrets,
+)
+from bench.wrk import (
+    WrkResult,
+    WrkRun,
+    find_wrk,
+    finish_wrk,
+    raise_open_files_limit,
+    refresh_script,
+    register_script,
+    run_wrk,
+    start_wrk,
+    static_script,
+)
 from src.config.settings import Settings
-from src.db.session import upgrade_database
-from src.main import create_app
+from tests.support.servers import KafkaBroker
 
-PASSWORD = "bench-correct-horse-battery"
-CONCURRENCY = 16
-
-
-async def rate(call: Callable[[], Awaitable[object]], seconds: float, concurrency: int) -> float:
-    """Calls per second, ``concurrency`` at a time, over about ``seconds``."""
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal done
-        while time.perf_counter() < deadline:
-            await call()
-            done += 1
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return done / (time.perf_counter() - started)
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+ROUNDS = 1 if QUICK else 3
+SECONDS = 2.0 if QUICK else 4.0
+OVERLOAD_SECONDS = 3.0 if QUICK else 8.0
+CONNECTIONS = 64
+LOGIN_CONNECTIONS = 16
+OVERLOAD_CONNECTIONS = 1000
+EXTRA_USERS = 60 if QUICK else 200
+RELAY_RATE = 100.0
+RELAY_SECONDS = 2.0 if QUICK else 5.0
+RELAY_BURST = 1000 if QUICK else 5000
+MEMORY_RUNS = 3
+ADMIN = ("bench-admin@example.com", "bench-admin-horse-battery-staple")
+API = "/api/v1"
+BENCHMARKS = REPO / "BENCHMARKS.md"
 
 
-def bare_app() -> FastAPI:
-    app = FastAPI()
-
-    @app.get("/ping")
-    async def ping() -> dict[str, str]:
-        return {"status": "alive"}
-
-    return app
+# --- measuring in alternating rounds ------------------------------------------------------------
 
 
-async def best_of(runs: int, measure: Callable[[], Awaitable[float]]) -> float:
-    return max([await measure() for _ in range(runs)])
+@dataclass
+class Pair:
+    """Every run of a subject and its baseline, in alternating rounds."""
+
+    subject: list[WrkResult] = field(default_factory=list)
+    baseline: list[WrkResult] = field(default_factory=list)
+
+    @staticmethod
+    def _median(results: list[WrkResult], value: Callable[[WrkResult], float]) -> float:
+        return statistics.median(value(r) for r in results) if results else 0.0
+
+    def rate(self, side: str) -> float:
+        return self._median(getattr(self, side), lambda r: r.requests_per_sec)
+
+    def p50(self, side: str) -> float:
+        return self._median(getattr(self, side), lambda r: r.p50_ms)
+
+    def p99(self, side: str) -> float:
+        return self._median(getattr(self, side), lambda r: r.p99_ms)
+
+    @property
+    def ratio(self) -> float:
+        baseline = self.rate("baseline")
+        return self.rate("subject") / baseline if baseline else 0.0
 
 
-async def main() -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="ums-bench-"))
-    database_url = f"sqlite+aiosqlite:///{workdir}/bench.db"
-    await asyncio.to_thread(upgrade_database, database_url)
-    settings = Settings(
-        DATABASE_URL=database_url,
-        DATA_DIR=workdir,
-        ENVIRONMENT="development",
-        LOG_LEVEL="WARNING",
-        KAFKA_ENABLE_IDEMPOTENCE=False,
-        LOGIN_RATE_LIMIT_PER_IP=10**9,
-        LOCKOUT_ACCOUNT_THRESHOLD=10**9,
+def alternate(
+    subject: Callable[[], WrkResult], baseline: Callable[[], WrkResult], rounds: int = ROUNDS
+) -> Pair:
+    """ABBA: baseline, subject; subject, baseline; ... so a drift in the machine's load (other
+    work runs on it) favours neither side."""
+    pair = Pair()
+    order: list[tuple[list[WrkResult], Callable[[], WrkResult]]] = [
+        (pair.baseline, baseline),
+        (pair.subject, subject),
+    ]
+    for _ in range(rounds):
+        for results, measure in order:
+            results.append(measure())
+        order.reverse()
+    return pair
+
+
+def rate_only(rate: float) -> WrkResult:
+    """A baseline that has a rate but no latencies (raw argon2id)."""
+    return WrkResult(requests_per_sec=rate, p50_ms=0.0, p99_ms=0.0, requests=0)
+
+
+def _fmt_rate(pair: Pair, side: str, unit: str = "req/s", latency: bool = True) -> str:
+    text = (
+        f"{pair.rate(side):,.0f} {unit}"
+        if pair.rate(side) >= 100
+        else f"{pair.rate(side):.1f} {unit}"
     )
-    cores = os.cpu_count() or 1
-    print(
-        f"cores={cores} concurrency={CONCURRENCY} redis={settings.REDIS_ENABLED} "
-        f"kafka={settings.KAFKA_ENABLED}"
-    )
+    if latency and (pair.p50(side) or pair.p99(side)):
+        text += f", p50 {pair.p50(side):.1f} ms, p99 {pair.p99(side):.1f} ms"
+    return text
 
-    app = create_app(settings)
-    async with LifespanManager(app, startup_timeout=30) as manager:
-        ours = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=manager.app), base_url="http://b"
+
+def _errors(results: list[WrkResult]) -> str:
+    """Non-2xx answers (by status), timeouts and socket errors over some runs; "" when none."""
+    statuses: Counter[int] = Counter()
+    for result in results:
+        statuses.update({code: n for code, n in result.statuses.items() if code >= 300})
+    timeouts = sum(r.timeouts for r in results)
+    sockets = sum(r.socket_errors for r in results)
+    parts = [f"{n} x {code}" for code, n in sorted(statuses.items())]
+    unlabelled = sum(r.non_2xx for r in results) - sum(statuses.values())
+    if unlabelled > 0:
+        parts.append(f"{unlabelled} non-2xx")
+    if timeouts:
+        parts.append(f"{timeouts} timeouts")
+    if sockets:
+        parts.append(f"{sockets} socket errors")
+    return ", ".join(parts)
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+class Bench:
+    """Owns everything the run starts, and tears it down in ``close`` whatever happened."""
+
+    def __init__(self, wrk: str, workdir: Path) -> None:
+        self.wrk = wrk
+        self.workdir = workdir
+        self.database = BenchDatabase()
+        self.redis = BenchRedis()
+        self.broker: KafkaBroker | None = None
+        self.servers: list[Server] = []
+        self.report = Report()
+        self.env: dict[str, str] = {}
+        self.settings: Settings | None = None
+        self.seeded: Seeded | None = None
+        self.bodies = workdir / "bare-bodies.json"
+        self.server_log_lines: Counter[str] = Counter()
+        # Resident memory of the service after each /users/me run of figure a (figure j).
+        self.memory_after_runs: list[float] = []
+
+    # --- servers -----------------------------------------------------------------------------
+    def start_stack(self) -> None:
+        pg_version = self.database.create()
+        self.redis.start()
+        settings_defaults = Settings.model_fields
+        topics = [
+            str(settings_defaults["KAFKA_USER_EVENTS_TOPIC"].default),
+            str(settings_defaults["KAFKA_NOTIFICATIONS_TOPIC"].default),
+        ]
+        broker = start_broker(topics)
+        self.broker = broker
+        self.env = service_environment(
+            self.workdir,
+            self.database.url,
+            self.redis,
+            broker.bootstrap,
+            ADMIN,
+            write_secrets(self.workdir),
         )
-        bare = httpx.AsyncClient(transport=httpx.ASGITransport(app=bare_app()), base_url="http://b")
+        self.settings = settings_from(self.env)
+        self.report.machine = {
+            "CPU": cpu_model(),
+            "cores": str(os.cpu_count()),
+            "Python": platform.python_version(),
+            "PostgreSQL": pg_version,
+            "Redis": self.redis.version,
+            "wrk": _wrk_version(self.wrk),
+            "date": time.strftime("%Y-%m-%d"),
+        }
 
-        email = f"bench-{uuid.uuid4().hex[:8]}@example.com"
-        response = await ours.post(
-            "/api/v1/auth/register", json={"email": email, "password": PASSWORD}
-        )
-        response.raise_for_status()
+    def service(self, workers: int) -> Server:
+        server = Server("service", "src.main:app", self.env, self.workdir, LIVE, workers)
+        self.servers.append(server)
+        server.start()
+        return server
 
-        async def login() -> httpx.Response:
-            reply = await ours.post(
-                "/api/v1/auth/login",
-                data={"grant_type": "password", "username": email, "password": PASSWORD},
+    def bare(self, workers: int) -> Server:
+        env = {
+            "PATH": self.env["PATH"],
+            "HOME": str(self.workdir),
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": str(REPO),
+            "BENCH_BARE_BODIES": str(self.bodies),
+        }
+        server = Server("bare", "bench.bare:app", env, self.workdir, "/users/me", workers)
+        self.servers.append(server)
+        server.start()
+        return server
+
+    def stop(self, server: Server) -> None:
+        server.stop()
+        self.note_log(server)
+        self.servers.remove(server)
+
+    def close(self) -> None:
+        """Every step on its own: one failing must not leave the others running."""
+        for server in list(self.servers):
+            with contextlib.suppress(Exception):
+                server.stop()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                stop_broker(self.broker)
+        with contextlib.suppress(Exception):
+            self.redis.stop()
+        try:
+            self.database.drop()
+        except Exception as exc:  # noqa: BLE001 - reported, the rest of the teardown goes on
+            print(f"could not drop database {self.database.name}: {exc}", file=sys.stderr)
+
+    def note_log(self, server: Server) -> None:
+        """Remember what the service logged (without timestamps), to report what it complained
+        about; called once per server, at its end."""
+        if server.name != "service":
+            return
+        for line in server.log_since(0):
+            parts = line.split(" ", 2)
+            message = parts[2] if len(parts) == 3 and parts[0][:2] == "20" else line
+            self.server_log_lines[message[:160]] += 1
+
+    # --- wrk helpers -----------------------------------------------------------------------------
+    def script(self, name: str, text: str) -> Path:
+        path = self.workdir / f"{name}.lua"
+        path.write_text(text)
+        return path
+
+    def get(
+        self, server: Server, path: str, token: str | None, connections: int
+    ) -> Callable[[], WrkResult]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        script = self.script(f"get-{uuid.uuid4().hex[:6]}", static_script("GET", headers))
+        run = WrkRun(server.base + path, script, connections, SECONDS)
+        return lambda: run_wrk(self.wrk, run)
+
+    def login_run(self, server: Server, email: str, connections: int = LOGIN_CONNECTIONS) -> WrkRun:
+        body = urlencode({"grant_type": "password", "username": email, "password": PASSWORD})
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        script = self.script("login", static_script("POST", headers, body))
+        return WrkRun(server.base + f"{API}/auth/login", script, connections, SECONDS)
+
+    def argon2(self, kind: str) -> Callable[[], WrkResult]:
+        assert self.settings is not None
+        s = self.settings
+        command = [
+            sys.executable, "-m", "bench.argon2_rate", kind, str(SECONDS),
+            str(s.ARGON2_TIME_COST), str(s.ARGON2_MEMORY_COST), str(s.ARGON2_PARALLELISM),
+        ]  # fmt: skip
+
+        def measure() -> WrkResult:
+            out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+            return rate_only(float(out.stdout.strip()))
+
+        return measure
+
+    def warm(self, *measures: Callable[[], WrkResult]) -> None:
+        """One untimed pass each: caches, pools and JITs are warm before the rounds start."""
+        for measure in measures:
+            measure()
+
+    # --- figures -------------------------------------------------------------------------------
+    def requests(self, label: str, pair: Pair, target: str = "", judged: str = "") -> None:
+        self.report.rows.append(
+            Row(
+                label,
+                _fmt_rate(pair, "subject"),
+                _fmt_rate(pair, "baseline"),
+                f"{pair.ratio:.2f}x",
+                target,
+                judged,
             )
-            reply.raise_for_status()
-            return reply
-
-        token = (await login()).json()["access_token"]
-        headers = {"Authorization": f"Bearer {token}"}
-
-        async def bare_ping() -> None:
-            (await bare.get("/ping")).raise_for_status()
-
-        async def live() -> None:
-            (await ours.get("/api/v1/health/live")).raise_for_status()
-
-        async def me() -> None:
-            (await ours.get("/api/v1/users/me", headers=headers)).raise_for_status()
-
-        baseline = await best_of(3, lambda: rate(bare_ping, 2, CONCURRENCY))
-        live_rate = await best_of(3, lambda: rate(live, 2, CONCURRENCY))
-        me_rate = await best_of(3, lambda: rate(me, 2, CONCURRENCY))
-        print(f"\nrequests/s   bare FastAPI route       {baseline:10.0f}  (baseline)")
-        for label, value in (("GET /health/live", live_rate), ("GET /users/me (JWT)", me_rate)):
-            print(f"requests/s   {label:<24} {value:10.0f}  ratio {value / baseline:.2f}")
-
-        # Raw argon2id verification with our parameters on the same number of threads.
-        hasher = PasswordHasher(
-            time_cost=settings.ARGON2_TIME_COST,
-            memory_cost=settings.ARGON2_MEMORY_COST,
-            parallelism=settings.ARGON2_PARALLELISM,
-            type=Type.ID,
         )
-        stored = hasher.hash(PASSWORD)
-        workers = settings.PASSWORD_HASH_WORKERS or cores
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = _errors(pair.subject)
+        if errors:
+            self.report.notes.append(f"{label}: the service answered {errors}.")
 
-            async def raw_verify() -> None:
-                await loop.run_in_executor(pool, hasher.verify, stored, PASSWORD)
+    def figures_requests(self, service: Server, bare: Server, suffix: str = "") -> Pair:
+        """a, b, c: reads with a bearer token against the bare route."""
+        seeded = self.seeded
+        assert seeded is not None
+        bare_me = self.get(bare, "/users/me", None, CONNECTIONS)
+        me = self.get(service, f"{API}/users/me", seeded.user.access_token, CONNECTIONS)
+        self.warm(bare_me, me)
+        memory: list[float] = []
 
-            raw = await best_of(2, lambda: rate(raw_verify, 3, workers * 2))
-        logins = await best_of(2, lambda: rate(login, 3, workers * 2))
-        print(f"\nper second   raw argon2id verify      {raw:10.1f}  (baseline, {workers} threads)")
-        print(f"per second   POST /auth/login         {logins:10.1f}  ratio {logins / raw:.2f}")
+        def me_then_memory() -> WrkResult:
+            result = me()
+            memory.append(sum(rss_mib(pid) for pid in service.worker_pids()))
+            return result
 
-        await ours.aclose()
-        await bare.aclose()
+        pair_a = alternate(me_then_memory, bare_me)
+        must = f"{MISSED} (must: {verdict(pair_a.ratio >= 0.4)})"
+        judged = MET if pair_a.ratio >= 0.6 else must
+        self.requests(f"a. GET /users/me{suffix}", pair_a, "≥0.6x (must ≥0.4x)", judged)
+        p99_ok = pair_a.p99("subject") <= 2 * pair_a.p99("baseline")
+        self.report.rows.append(
+            Row(
+                f"a. GET /users/me{suffix} p99",
+                f"{pair_a.p99('subject'):.1f} ms",
+                f"{pair_a.p99('baseline'):.1f} ms",
+                f"{pair_a.p99('subject') / max(pair_a.p99('baseline'), 1e-9):.2f}x",
+                "≤2x bare",
+                verdict(p99_ok),
+            )
+        )
+        self.memory_after_runs = memory
+        if suffix:
+            return pair_a
+        by_id = self.get(
+            service, f"{API}/users/{seeded.user.id}", seeded.admin.access_token, CONNECTIONS
+        )
+        self.warm(by_id)
+        self.requests("b. GET /users/{id} (admin)", alternate(by_id, bare_me))
+        bare_page = self.get(bare, "/users", None, CONNECTIONS)
+        page = self.get(service, f"{API}/users?limit=50", seeded.admin.access_token, CONNECTIONS)
+        self.warm(bare_page, page)
+        self.requests("c. GET /users?limit=50 (admin)", alternate(page, bare_page))
+        return pair_a
 
-    # JWT signing: loaded key object vs PEM text (PyJWT re-parses PEM on every call).
-    key = app_services(app).security.tokens  # codec built at start-up, key already loaded
-    private = key.signing_key.private_key
-    pem = private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    claims = {"sub": "x", "exp": int(time.time()) + 60}
-    algorithm = key.signing_key.algorithm
+    def figure_login(self, service: Server, suffix: str = "") -> None:
+        """d: logins per second against raw argon2id verifications per second."""
+        assert self.seeded is not None
+        run = self.login_run(service, self.seeded.user.email)
+        login = lambda: run_wrk(self.wrk, run)  # noqa: E731 - a one-line measure
+        raw = self.argon2("verify")
+        self.warm(login)
+        pair = alternate(login, raw)
+        self.report.rows.append(
+            Row(
+                f"d. POST /auth/login{suffix} ({LOGIN_CONNECTIONS} conns)",
+                _fmt_rate(pair, "subject", "logins/s"),
+                _fmt_rate(pair, "baseline", "argon2id verify/s"),
+                f"{pair.ratio:.2f}x",
+                "≥0.85x raw argon2",
+                verdict(pair.ratio >= 0.85),
+            )
+        )
+        errors = _errors(pair.subject)
+        if errors:
+            self.report.notes.append(f"d. login{suffix}: the service answered {errors}.")
 
-    def per_call(fn: Callable[[], object], n: int) -> float:
-        timings = []
-        for _ in range(n):
-            started = time.perf_counter()
-            fn()
-            timings.append(time.perf_counter() - started)
-        return statistics.median(timings) * 1000
+    def figure_register(self, service: Server) -> None:
+        """e: registrations per second against raw argon2id hashes per second."""
+        prefix = f"reg-{uuid.uuid4().hex[:8]}"
+        counter = iter(range(1000))
 
-    loaded_ms = per_call(lambda: jwt.encode(claims, private, algorithm=algorithm), 200)
-    pem_ms = per_call(lambda: jwt.encode(claims, pem, algorithm=algorithm), 30)
-    print(f"\nms per token sign, key loaded once   {loaded_ms:8.3f}  (ours)")
-    print(f"ms per token sign, PEM text          {pem_ms:8.3f}  {pem_ms / loaded_ms:.0f}x slower")
+        def register() -> WrkResult:
+            script = self.script(
+                "register",
+                register_script(f"{API}/auth/register", f"{prefix}-{next(counter)}", PASSWORD),
+            )
+            run = WrkRun(service.base + f"{API}/auth/register", script, LOGIN_CONNECTIONS, SECONDS)
+            return run_wrk(self.wrk, run)
 
-    await asyncio.to_thread(oracle.run)
-    await asyncio.to_thread(startup.run)
+        pair = alternate(register, self.argon2("hash"))
+        self.report.rows.append(
+            Row(
+                f"e. POST /auth/register ({LOGIN_CONNECTIONS} conns)",
+                _fmt_rate(pair, "subject", "registrations/s"),
+                _fmt_rate(pair, "baseline", "argon2id hash/s"),
+                f"{pair.ratio:.2f}x",
+            )
+        )
+        errors = _errors(pair.subject)
+        if errors:
+            self.report.notes.append(f"e. register: the service answered {errors}.")
+
+    def figure_refresh(self, service: Server, bare: Server) -> None:
+        """f: refresh-token rotations per second, with a queue of live tokens per wrk thread."""
+        assert self.seeded is not None
+        email = self.seeded.user.email
+        threads = 2
+        per_thread = CONNECTIONS // threads
+
+        def refresh() -> WrkResult:
+            tokens = asyncio.run(refresh_tokens(service.base, email, CONNECTIONS))
+            tokens_file = self.workdir / "refresh-tokens.txt"
+            tokens_file.write_text("\n".join(tokens) + "\n")
+            script = self.script(
+                "refresh", refresh_script(f"{API}/auth/login", tokens_file, per_thread)
+            )
+            run = WrkRun(service.base + f"{API}/auth/login", script, CONNECTIONS, SECONDS, threads)
+            return run_wrk(self.wrk, run)
+
+        pair = alternate(refresh, self.get(bare, "/users/me", None, CONNECTIONS))
+        self.report.rows.append(
+            Row(
+                f"f. refresh_token grant ({CONNECTIONS} conns)",
+                _fmt_rate(pair, "subject", "refreshes/s"),
+                _fmt_rate(pair, "baseline", "req/s (bare route)"),
+                f"{pair.ratio:.2f}x",
+            )
+        )
+        errors = _errors(pair.subject)
+        if errors:
+            self.report.notes.append(f"f. refresh: the service answered {errors}.")
+
+    def figure_me_during_logins(self, service: Server) -> None:
+        """g: /users/me p99 while logins run flat out, against /users/me alone (16 conns each)."""
+        assert self.seeded is not None
+        me_script = self.script(
+            "me16",
+            static_script("GET", {"Authorization": f"Bearer {self.seeded.user.access_token}"}),
+        )
+        me_run = WrkRun(service.base + f"{API}/users/me", me_script, LOGIN_CONNECTIONS, SECONDS)
+        login_run = self.login_run(service, self.seeded.user.email)
+        logins: list[WrkResult] = []
+
+        def alone() -> WrkResult:
+            return run_wrk(self.wrk, me_run)
+
+        def with_logins() -> WrkResult:
+            background = start_wrk(self.wrk, login_run)
+            try:
+                return run_wrk(self.wrk, me_run)
+            finally:
+                logins.append(finish_wrk(background, login_run))
+
+        pair = alternate(with_logins, alone)
+        p99, p99_alone = pair.p99("subject"), pair.p99("baseline")
+        login_rate = statistics.median(r.requests_per_sec for r in logins)
+        self.report.rows.append(
+            Row(
+                f"g. GET /users/me p99 during logins ({LOGIN_CONNECTIONS}+{LOGIN_CONNECTIONS} "
+                "conns)",
+                f"{p99:.1f} ms (p50 {pair.p50('subject'):.1f}; {pair.rate('subject'):,.0f} req/s; "
+                f"logins {login_rate:.1f}/s)",
+                f"{p99_alone:.1f} ms alone (p50 {pair.p50('baseline'):.1f}; "
+                f"{pair.rate('baseline'):,.0f} req/s)",
+                f"{p99 / max(p99_alone, 1e-9):.2f}x",
+            )
+        )
+
+    def figure_overload(self, service: Server) -> None:
+        """h: 1,000 connections on one worker: rate, latency, errors, log lines, recovery."""
+        assert self.seeded is not None
+        soft = raise_open_files_limit(OVERLOAD_CONNECTIONS * 2 + 256)
+        if soft < OVERLOAD_CONNECTIONS + 64:
+            self.report.notes.append(
+                f"h. overload: open-files limit {soft} is below the connections"
+            )
+        seeded = self.seeded
+        targets = [
+            ("/users/me", f"{API}/users/me", seeded.user.access_token),
+            ("/users/{id}", f"{API}/users/{seeded.user.id}", seeded.admin.access_token),
+            ("/users?limit=50", f"{API}/users?limit=50", seeded.admin.access_token),
+        ]
+        for label, path, token in targets:
+            script = self.script(
+                "overload", static_script("GET", {"Authorization": f"Bearer {token}"})
+            )
+            run = WrkRun(
+                service.base + path, script, OVERLOAD_CONNECTIONS, OVERLOAD_SECONDS, 2, "5s"
+            )
+            lines_before = service.log_lines()
+            result = run_wrk(self.wrk, run)
+            ended = time.monotonic()
+            recovery = _recovery(service.base + LIVE, ended)
+            log_lines = service.log_lines() - lines_before
+            answered_503 = result.statuses.get(503, 0)
+            other = sum(n for code, n in result.statuses.items() if code >= 300 and code != 503)
+            ours = (
+                f"{result.requests_per_sec:,.0f} req/s, p50 {result.p50_ms:.0f} ms, "
+                f"p99 {result.p99_ms:.0f} ms; 503: {answered_503} "
+                f"({result.retry_after_503} with Retry-After); other non-2xx: {other}; "
+                f"timeouts: {result.timeouts}; socket errors: {result.socket_errors}; "
+                f"log lines: {log_lines}; live again in {recovery}"
+            )
+            max_lines = int(OVERLOAD_SECONDS * 5)  # a rate-limited logger: a few lines a second
+            fast_503 = (
+                answered_503 > 0 and result.retry_after_503 == answered_503 and result.timeouts == 0
+            )
+            checks = [
+                f"p99 ≤1 s: {verdict(result.p99_ms <= 1000)}",
+                f"503+Retry-After, no timeouts: {verdict(fast_503)}",
+                f"logs ≤{max_lines} lines: {verdict(log_lines <= max_lines)}",
+            ]
+            self.report.rows.append(
+                Row(
+                    f"h. overload GET {label} ({OVERLOAD_CONNECTIONS} conns, "
+                    f"{OVERLOAD_SECONDS:.0f} s)",
+                    ours,
+                    "",
+                    "",
+                    "answered p99 ≤1 s; excess gets fast 503 + Retry-After; logs rate-limited",
+                    "; ".join(checks),
+                )
+            )
+
+    def figure_relay(self) -> None:
+        """i: the outbox relay against a bare producer (the service is stopped meanwhile)."""
+        assert self.settings is not None
+        figures: RelayFigures = asyncio.run(
+            measure_relay(self.settings, RELAY_RATE, RELAY_SECONDS, RELAY_BURST)
+        )
+        self.report.rows.append(
+            Row(
+                f"i. relay, commit → on topic ({figures.steady_rate:.0f} events/s, one per commit)",
+                f"p50 {figures.relay_p50_ms:.1f} ms, p99 {figures.relay_p99_ms:.1f} ms",
+                f"bare producer, send → on topic: p50 {figures.bare_p50_ms:.1f} ms, "
+                f"p99 {figures.bare_p99_ms:.1f} ms",
+                f"{figures.relay_p50_ms / max(figures.bare_p50_ms, 1e-9):.2f}x (p50)",
+            )
+        )
+        self.report.rows.append(
+            Row(
+                f"i. relay throughput (burst of {figures.burst})",
+                f"{figures.relay_per_sec:,.0f} events/s",
+                f"{figures.bare_per_sec:,.0f} events/s (bare aiokafka producer)",
+                f"{figures.relay_per_sec / max(figures.bare_per_sec, 1e-9):.2f}x",
+            )
+        )
+        self.report.notes += figures.notes
+
+    def memory_row(
+        self, service: Server, idle: float, after_runs: list[float], after_all: float
+    ) -> None:
+        runs = ", ".join(f"{m:.0f}" for m in after_runs)
+        workers = len(service.worker_pids())
+        self.report.rows.append(
+            Row(
+                f"j. resident memory, {workers} worker{'s' if workers > 1 else ''} (MiB, total)",
+                f"idle {idle:.0f}; after each /users/me run {runs}; after all load {after_all:.0f}",
+                "",
+                f"{after_runs[-1] - after_runs[0]:+.1f} MiB over the runs" if after_runs else "",
+            )
+        )
+
+    # --- the whole run -------------------------------------------------------------------------
+    def run(self) -> None:
+        started = time.monotonic()
+        print("starting PostgreSQL database, Redis, tansu ...", flush=True)
+        self.start_stack()
+        service = self.service(1)
+        assert self.settings is not None
+        print("seeding accounts through the API ...", flush=True)
+        self.seeded = asyncio.run(seed(service.base, ADMIN[0], ADMIN[1], EXTRA_USERS))
+        self.bodies.write_text(
+            json.dumps({"/users/me": self.seeded.me_body, "/users": self.seeded.page_body})
+        )
+        bare = self.bare(1)
+        idle = self.rss(service)
+        self.report.notes.append(
+            f"bare app: {self.rss(bare):.0f} MiB resident at idle; "
+            f"/users/me body {_size(self.seeded.me_body)} bytes, "
+            f"/users?limit=50 page {_size(self.seeded.page_body)} bytes"
+        )
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("a-c reads", lambda: self.figures_requests(service, bare)),
+            ("d login", lambda: self.figure_login(service)),
+            ("e register", lambda: self.figure_register(service)),
+            ("f refresh", lambda: self.figure_refresh(service, bare)),
+            ("g users/me during logins", lambda: self.figure_me_during_logins(service)),
+            ("h overload", lambda: self.figure_overload(service)),
+        ]
+        for name, step in steps:
+            print(f"figure {name} ...", flush=True)
+            step()
+        self.memory_row(service, idle, self.memory_after_runs, self.rss(service))
+        self.stop(service)
+        self.stop(bare)
+
+        print("figure i relay ...", flush=True)
+        self.figure_relay()
+
+        print("figure k two workers ...", flush=True)
+        service = self.service(2)
+        bare = self.bare(2)
+        idle = self.rss(service)
+        self.figures_requests(service, bare, " (2 workers)")
+        self.figure_login(service, " (2 workers)")
+        self.memory_row(service, idle, self.memory_after_runs, self.rss(service))
+        self.stop(service)
+        self.stop(bare)
+        self.report.duration_s = time.monotonic() - started
+
+    def rss(self, server: Server) -> float:
+        return sum(rss_mib(pid) for pid in server.worker_pids())
+
+
+def _recovery(url: str, since: float, limit: float = 60.0) -> str:
+    """How long until ``url`` answers 200 within 100 ms again."""
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() - since < limit:
+            started = time.monotonic()
+            with contextlib.suppress(httpx.HTTPError):
+                reply = client.get(url)
+                if reply.status_code == 200 and time.monotonic() - started < 0.1:
+                    return f"{time.monotonic() - since:.2f} s"
+            time.sleep(0.02)
+    return f"more than {limit:.0f} s"
+
+
+def _size(body: object) -> int:
+    """Bytes of a body as FastAPI sends it (compact JSON)."""
+    return len(json.dumps(body, separators=(",", ":")).encode())
+
+
+def _wrk_version(wrk: str) -> str:
+    out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout or out.stderr).split("[")[0].strip() or "unknown"
+
+
+def _method() -> list[str]:
+    return [
+        "Real processes: `python -m uvicorn src.main:app --host 127.0.0.1 --no-access-log "
+        "--log-level warning --no-proxy-headers` (one worker; `--workers 2` for k), "
+        "ENVIRONMENT=production, LOG_LEVEL=WARNING, generated ENCRYPTION_KEY and signing key, "
+        "against the machine's PostgreSQL (a fresh database), Redis (db 13) and tansu "
+        "(Kafka protocol, topics created first; idempotence off: tansu lacks InitProducerId).",
+        "Login and registration throttles lifted for the run (10^9): their Redis counting "
+        "still runs. Access tokens live 120 min (the run's tokens must not expire).",
+        "Baseline: `bench/bare.py`, a bare FastAPI app under the identical uvicorn command, "
+        "answering the service's real bodies (a /users/me body; a 50-user page for c).",
+        f"Load: native `wrk`, 2 threads, {CONNECTIONS} connections ({LOGIN_CONNECTIONS} for "
+        f"login and registration), {SECONDS:.0f} s per run, `--latency`; {ROUNDS} rounds, "
+        "baseline and subject alternating ABBA; medians of req/s, p50 and p99.",
+        "Login/registration baseline: raw argon2id verify/hash with the service's ARGON2_* "
+        "parameters, a thread pool of os.cpu_count() threads in a separate process.",
+        f"Overload: {OVERLOAD_CONNECTIONS} connections, {OVERLOAD_SECONDS:.0f} s, "
+        "`--timeout 5s`; status codes counted by a Lua `response()` per thread; server log "
+        "lines counted from its log file; recovery = until /health/live answers 200 in <100 ms.",
+        f"Relay: the service's OutboxRelay and record_event in the bench process (service "
+        f"stopped), {RELAY_RATE:.0f} events/s one per transaction for {RELAY_SECONDS:.0f} s, then "
+        f"a burst of {RELAY_BURST}; baseline a bare aiokafka producer (acks=all, linger 5 ms) "
+        "sending the same bytes; an aiokafka consumer times arrivals.",
+        "Memory: VmRSS of the uvicorn worker processes.",
+    ]
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # the same orderly teardown as Ctrl-C
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    wrk = find_wrk()
+    if wrk is None:
+        print("wrk is not installed and could not be (apt-get install wrk)", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="ums-bench-"))
+    bench = Bench(wrk, workdir)
+    bench.report.method = _method()
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        print("\ninterrupted: tearing down", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - reported with the servers' logs, then teardown
+        print(f"\nthe benchmark broke: {exc}", file=sys.stderr)
+        for server in bench.servers:
+            print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if bench.server_log_lines:
+        top = bench.server_log_lines.most_common(8)
+        bench.report.notes.append(
+            "The service logged: " + "; ".join(f"{n} x `{message}`" for message, n in top)
+        )
+    print()
+    print(text_table(bench.report.rows))
+    for note in bench.report.notes:
+        print(f"- {note}")
+    write_section(BENCHMARKS, markdown(bench.report))
+    print(f"\nwritten: {BENCHMARKS}")
+    oracle.run()
+    startup.run()
+    return 0
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    sys.exit(main())

@@ -13,74 +13,47 @@ Throttles are lifted for the run so that the known address's request really does
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 
+from bench.stack import free_port, wait_until_answers
+from bench.wrk import WrkRun, find_wrk, run_wrk, static_script
 from src.db.session import upgrade_database
 
 ROUNDS = 4
 SECONDS = 4
 CONNECTIONS = 1
-_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
-_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wrk() -> str | None:
-    found = shutil.which("wrk")
-    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "-qq", "wrk"], capture_output=True, check=False)
-        found = shutil.which("wrk")
-    return found
 
 
 def _script(directory: Path, name: str, email: str) -> Path:
     path = directory / f"{name}.lua"
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f'wrk.body = \'{{"email": "{email}"}}\'\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
-    )
+    body = f'{{"email": "{email}"}}'
+    path.write_text(static_script("POST", {"Content-Type": "application/json"}, body))
     return path
 
 
 def _latencies(wrk: str, url: str, script: Path) -> tuple[float, float]:
     """(p50, p99) in milliseconds for one round."""
-    output = subprocess.run(
-        [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    found = {pct: float(value) * _UNIT[unit] for pct, value, unit in _LATENCY.findall(output)}
-    return found["50"], found["99"]
+    result = run_wrk(wrk, WrkRun(url, script, CONNECTIONS, SECONDS, threads=1))
+    return result.p50_ms, result.p99_ms
 
 
 def run() -> None:
-    wrk = _wrk()
+    wrk = find_wrk()
     if wrk is None:
         print("\naccount oracle: skipped (wrk is not installed: apt-get install wrk)")
         return
     workdir = Path(tempfile.mkdtemp(prefix="ums-bench-oracle-"))
     database_url = f"sqlite+aiosqlite:///{workdir}/oracle.db"
     upgrade_database(database_url)
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -101,16 +74,7 @@ def run() -> None:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/api/v1/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.1)
+        wait_until_answers(f"{base}/api/v1/health/live", 30, server)
         known = f"known-{uuid.uuid4().hex[:8]}@example.com"
         body = {"email": known, "password": "bench-correct-horse-battery"}
         httpx.post(f"{base}/api/v1/auth/register", json=body, timeout=10).raise_for_status()

@@ -8,6 +8,7 @@ The tests only bound these (a hang fails them); the figures live here.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -18,20 +19,14 @@ from pathlib import Path
 
 import httpx
 
+from bench.stack import free_port
 from src.db.session import upgrade_database
 
 RUNS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _launch_to_live(env: dict[str, str], workdir: Path) -> float:
-    port = _free_port()
+    port = free_port()
     started = time.perf_counter()
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "src.main:app", "--port", str(port)],
@@ -71,7 +66,7 @@ def run() -> None:
         "LOG_LEVEL": "WARNING",
     }
     cases = {
-        "absent": {"REDIS_PORT": str(_free_port()), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"},
+        "absent": {"REDIS_PORT": str(free_port()), "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"},
         "silent": {
             "REDIS_PORT": str(silent[0].getsockname()[1]),
             "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{silent[1].getsockname()[1]}",
@@ -88,3 +83,4 @@ def run() -> None:
     finally:
         for sock in silent:
             sock.close()
+        shutil.rmtree(workdir, ignore_errors=True)
