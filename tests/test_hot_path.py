@@ -337,3 +337,35 @@ async def test_a_sign_in_that_upgrades_the_hash_drops_the_cached_copy(
         me = await client.get(ME, headers=earlier)  # its session's entry is still cached
         assert me.status_code == 200
         assert me.json()["version"] == 2, "the cached copy from before the rehash was served"
+
+
+# --- no pooled connection is held while argon2 works ---------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["login", "unknown", "register"])
+async def test_no_database_connection_is_held_while_a_password_is_hashed(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    async with running_app(make_settings()) as (app, client):
+        user = await register(client)
+        services = app_services(app)
+        pool = services.engine.sync_engine.pool
+        held: list[int] = []
+        hasher = services.security.hasher
+        for name in ("verify", "verify_dummy", "hash"):
+            real = getattr(hasher, name)
+
+            async def watched(*args: Any, _real: Any = real) -> Any:
+                held.append(pool.checkedout())  # type: ignore[attr-defined]
+                return await _real(*args)
+
+            monkeypatch.setattr(hasher, name, watched)
+        if what == "register":
+            await register(client)
+        else:
+            email = user["email"] if what == "login" else "nobody-here@example.com"
+            await client.post(
+                "/api/v1/auth/login",
+                data={"grant_type": "password", "username": email, "password": "whatever-1234"},
+            )
+        assert held and held == [0] * len(held)

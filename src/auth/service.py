@@ -89,6 +89,15 @@ async def _admit(
     return decision
 
 
+async def release_connection(db: AsyncSession) -> None:
+    """End the session's read-only transaction before argon2 runs, so its pooled connection
+    serves others meanwhile: a hash takes tens of milliseconds, and the pool's few connections
+    are shared by every request (and the relay). Loaded rows stay usable (the sessionmaker does
+    not expire them on commit). A session with changes not yet written is left as it is."""
+    if db.in_transaction() and not (db.new or db.dirty or db.deleted):
+        await db.commit()
+
+
 def _known_since(sec: Security) -> datetime:
     return utcnow() - timedelta(days=sec.settings.LOGIN_KNOWN_ADDRESS_DAYS)
 
@@ -183,6 +192,7 @@ async def check_password(
     account = canonical_email(username)
     user = await repository.get_user_by_email(db, account) if account else None
     decision = await _admit(db, sec, _guard_key(username), user, client, device_user)
+    await release_connection(db)
 
     if user is None:
         # Spend the same hashing time as a real check so timing does not reveal accounts.
@@ -541,6 +551,7 @@ async def create_account(
     """A new account with a password: the cheap checks, the policy, then the (slow) hash."""
     await ensure_email_free(db, sec.settings, body.email)
     enforce_password_policy(body.password, body.email)
+    await release_connection(db)
     password_hash = await sec.hasher.hash(body.password)
     return await add_user(db, sec, body, password_hash, actor_id=actor_id)
 
