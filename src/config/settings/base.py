@@ -43,8 +43,9 @@ class Settings(BaseSettings):
     # is a few lines, not one per request. 0 writes every line.
     LOG_REPEAT_INTERVAL_SECONDS: float = Field(default=10.0, ge=0, le=3600)
     DATA_DIR: Path = Path("./data")
-    # Server processes (uvicorn reads WEB_CONCURRENCY itself as its --workers default; the
-    # Dockerfile and `make run` pass it). The password hashing threads are shared out among them.
+    # Server processes: uvicorn reads WEB_CONCURRENCY from the environment (not from .env) as its
+    # --workers default, and the container entry point passes it on. The password hashing
+    # threads are shared out among them.
     WEB_CONCURRENCY: int = Field(default=1, ge=1, le=64)
     # Requests one process serves at once; beyond it a request is answered 503 with Retry-After
     # at once, before any work, so those admitted keep their latency. Health probes are never
