@@ -111,6 +111,17 @@ def test_a_repeated_warning_is_written_once_per_interval_with_a_count() -> None:
     assert later.getMessage() == "Database unavailable while serving /g: OperationalError"
 
 
+def test_the_audit_trail_is_never_thinned() -> None:
+    """An attacker's own refused sign-in must not hide the next victim's line."""
+    repeats = RepeatFilter(10.0, clock=lambda: 0.0)
+    template = "password check refused: user=%s ip=%s reason=rate_limited"
+    for user in ("attacker", "victim-1", "victim-2"):
+        record = logging.LogRecord(
+            "src.auth.audit", logging.WARNING, __file__, 1, template, (user, "192.0.2.1"), None
+        )
+        assert repeats.filter(record)
+
+
 def test_an_interval_of_zero_writes_every_line() -> None:
     repeats = RepeatFilter(0)
     assert all(repeats.filter(_record("same %s", n)) for n in range(5))

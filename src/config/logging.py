@@ -4,6 +4,10 @@ A failing dependency or an overload makes the same warning happen for every requ
 each time, it buries everything else (and costs the CPU the service is short of). So a warning
 or error repeated from the same place within ``LOG_REPEAT_INTERVAL_SECONDS`` is written once,
 and the next one after the interval says how many were left out.
+
+The audit trail (``src.auth.audit``: refused sign-ins, rate-limited password checks, refused
+tokens) is never thinned: each line names a user and an address, and an attacker must not be
+able to hide the next victim's line behind a first one of their own.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Distinct places are a few dozen; a message built with an f-string would make many, so the
 # memory is dropped when it grows past this (at worst a repeat is written once more).
 _MAX_TRACKED = 1000
+# Loggers whose every line is kept, whatever the interval.
+NEVER_THINNED = ("src.auth.audit",)
 
 
 class _UTCFormatter(logging.Formatter):
@@ -43,7 +49,11 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[tuple[str, int, str], list[float]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.interval <= 0 or record.levelno < logging.WARNING:
+        if (
+            self.interval <= 0
+            or record.levelno < logging.WARNING
+            or record.name.startswith(NEVER_THINNED)
+        ):
             return True
         key = (record.name, record.levelno, str(record.msg))
         now = self._clock()
