@@ -14,7 +14,6 @@ from src.api.middleware import (
     OverloadMiddleware,
     RequestGuardMiddleware,
     SecurityHeadersMiddleware,
-    security_headers,
 )
 from src.api.router import api_routers
 from src.api.routes import oauth, well_known
@@ -41,8 +40,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.connections = Connections()
     install_error_handlers(app)
-    # The last added runs first: the overload guard, then the security headers, which wrap
-    # everything else, even a refused request.
+    # The last added runs first: security headers wrap everything, even a refused request; the
+    # overload cap comes after the request guard, so a request counts once its body is in (a
+    # client dribbling bodies holds its own connections, not everyone's places).
+    app.state.load = Load()
+    app.add_middleware(
+        OverloadMiddleware,
+        limit=settings.MAX_REQUESTS_IN_FLIGHT,
+        load=app.state.load,
+        exempt_prefix=f"{API_V1}/health",
+        log_interval=settings.LOG_REPEAT_INTERVAL_SECONDS,
+    )
     app.add_middleware(
         RequestGuardMiddleware,
         max_body_bytes=settings.MAX_REQUEST_BODY_BYTES,
@@ -59,15 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     hsts = settings.PUBLIC_BASE_URL.lower().startswith("https://")
     app.add_middleware(SecurityHeadersMiddleware, hsts=hsts)
-    app.state.load = Load()
-    app.add_middleware(
-        OverloadMiddleware,
-        limit=settings.MAX_REQUESTS_IN_FLIGHT,
-        load=app.state.load,
-        exempt_prefix=f"{API_V1}/health",
-        security_headers=security_headers(hsts),
-        log_interval=settings.LOG_REPEAT_INTERVAL_SECONDS,
-    )
     for router in api_routers:
         app.include_router(router, prefix=API_V1)
     app.include_router(well_known.router)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from src.app.container import app_services
 from src.config.logging import RepeatFilter, _UTCFormatter
 from src.config.settings import Settings
 from src.services import supervisor
@@ -34,26 +35,24 @@ def make_settings(make_settings: Callable[..., Settings]) -> Callable[..., Setti
 
 
 async def test_beyond_the_cap_a_request_gets_an_immediate_503_and_probes_still_answer(
-    make_settings: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+    make_settings: Callable[..., Settings],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async with running_app(make_settings(MAX_REQUESTS_IN_FLIGHT=1)) as (app, client):
         user = await register(client)
         auth = bearer(await login(client, user["email"]))
+        # The one place is taken by a request whose cache read is held back (the rest is real).
+        cache = app_services(app).security.cache
         release = asyncio.Event()
+        real_read = cache.get_auth
 
-        async def slow_body() -> AsyncIterator[bytes]:
-            yield b'{"email": '
+        async def held_read(*args: Any) -> Any:
             await release.wait()
-            yield b'"nobody@example.com"}'
+            return await real_read(*args)
 
-        # A request whose body is still on its way is in flight: it holds the only place.
-        held = asyncio.ensure_future(
-            client.post(
-                "/api/v1/auth/password-reset/request",
-                content=slow_body(),
-                headers={"Content-Type": "application/json"},
-            )
-        )
+        monkeypatch.setattr(cache, "get_auth", held_read)
+        held = asyncio.ensure_future(client.get(ME, headers=auth))
         await eventually(lambda: app.state.load.in_flight == 1)
 
         with caplog.at_level(logging.WARNING, logger="src.api.middleware"):
@@ -73,9 +72,41 @@ async def test_beyond_the_cap_a_request_gets_an_immediate_503_and_probes_still_a
         assert (await client.get("/api/v1/health/live")).status_code == 200
 
         release.set()
-        assert (await held).status_code == 202
+        assert (await held).status_code == 200
         assert app.state.load.in_flight == 0
         assert (await client.get(ME, headers=auth)).status_code == 200
+
+
+async def test_a_body_still_on_its_way_takes_no_place(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """Slow bodies (a slowloris) hold their own connections, not everyone's places."""
+    async with running_app(make_settings(MAX_REQUESTS_IN_FLIGHT=1)) as (app, client):
+        user = await register(client)
+        auth = bearer(await login(client, user["email"]))
+        releases = [asyncio.Event() for _ in range(3)]
+
+        async def slow_body(release: asyncio.Event) -> AsyncIterator[bytes]:
+            yield b'{"email": '
+            await release.wait()
+            yield b'"nobody@example.com"}'
+
+        dribbling = [
+            asyncio.ensure_future(
+                client.post(
+                    "/api/v1/auth/password-reset/request",
+                    content=slow_body(release),
+                    headers={"Content-Type": "application/json"},
+                )
+            )
+            for release in releases
+        ]
+        await asyncio.sleep(0)
+        assert (await client.get(ME, headers=auth)).status_code == 200
+        assert app.state.load.in_flight == 0 and app.state.load.refused == 0
+        for release, request in zip(releases, dribbling, strict=True):
+            release.set()  # each one, once its body is in, is served like any other
+            assert (await request).status_code == 202
 
 
 async def test_without_a_cap_nothing_is_refused(make_settings: Callable[..., Settings]) -> None:

@@ -185,9 +185,10 @@ class OverloadMiddleware:
     behind all the others for the event loop and the database pool, until clients time out and
     retry. Refusing the excess up front keeps the admitted requests fast and tells the others
     when to come back (``Retry-After``). A client that does not wait comes straight back, so a
-    refusal must cost next to nothing: it is the outermost middleware, and its answer (with the
-    security headers) is built once. Health probes are never refused: a busy process is alive,
-    and must not be restarted for being busy.
+    refusal must cost next to nothing: its answer is built once. It runs after the request guard
+    has read the body, so only requests that have fully arrived count: a client sending bodies
+    slowly holds its own connections, not the places of everyone else. Health probes are never
+    refused: a busy process is alive, and must not be restarted for being busy.
     """
 
     def __init__(
@@ -196,7 +197,6 @@ class OverloadMiddleware:
         limit: int,
         load: Load,
         exempt_prefix: str,
-        security_headers: list[tuple[str, str]],
         log_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -212,7 +212,6 @@ class OverloadMiddleware:
                 (b"content-type", b"application/problem+json"),
                 (b"content-length", str(len(body)).encode()),
                 (b"retry-after", b"1"),
-                *((name.lower().encode(), value.encode()) for name, value in security_headers),
             ],
         }
         self._body: Message = {"type": "http.response.body", "body": body}
