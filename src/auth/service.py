@@ -479,10 +479,10 @@ async def _load_auth(
     checked_at = utcnow()
     db = sessions()
     try:
-        user_row = await repository.get_user(db, user_id)
-        session_row = await repository.get_session(db, session_id)
-        if user_row is None or session_row is None or session_row.user_id != user_id:
+        found = await repository.get_user_and_session(db, user_id, session_id)
+        if found is None:
             raise NotAuthenticated("The session has ended.")
+        user_row, session_row = found
         user = UserPublic.model_validate(user_row)
         state = SessionState(
             user_id=user_id,

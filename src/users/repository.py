@@ -98,6 +98,19 @@ async def get_session(db: AsyncSession, session_id: uuid.UUID) -> UserSession | 
     return await db.get(UserSession, session_id)
 
 
+async def get_user_and_session(
+    db: AsyncSession, user_id: uuid.UUID, session_id: uuid.UUID
+) -> tuple[User, UserSession] | None:
+    """The user and one of its sessions in one statement (what every cache miss needs)."""
+    result = await db.execute(
+        select(User, UserSession)
+        .join(UserSession, UserSession.user_id == User.id)
+        .where(User.id == user_id, UserSession.id == session_id)
+    )
+    row = result.one_or_none()
+    return (row[0], row[1]) if row is not None else None
+
+
 async def list_active_sessions(
     db: AsyncSession, user_id: uuid.UUID, now: datetime
 ) -> Sequence[UserSession]:
