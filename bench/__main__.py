@@ -324,12 +324,20 @@ class Bench:
             measure()
 
     # --- figures -------------------------------------------------------------------------------
-    def requests(self, label: str, pair: Pair, target: str = "", judged: str = "") -> None:
+    def requests(
+        self,
+        label: str,
+        pair: Pair,
+        target: str = "",
+        judged: str = "",
+        units: tuple[str, str] = ("req/s", "req/s"),
+    ) -> None:
+        """A row for a subject/baseline pair, and a note of what else the service answered."""
         self.report.rows.append(
             Row(
                 label,
-                _fmt_rate(pair, "subject"),
-                _fmt_rate(pair, "baseline"),
+                _fmt_rate(pair, "subject", units[0]),
+                _fmt_rate(pair, "baseline", units[1]),
                 f"{pair.ratio:.2f}x",
                 target,
                 judged,
@@ -390,19 +398,13 @@ class Bench:
         raw = self.argon2("verify")
         self.warm(login)
         pair = alternate(login, raw)
-        self.report.rows.append(
-            Row(
-                f"d. POST /auth/login{suffix} ({LOGIN_CONNECTIONS} conns)",
-                _fmt_rate(pair, "subject", "logins/s"),
-                _fmt_rate(pair, "baseline", "argon2id verify/s"),
-                f"{pair.ratio:.2f}x",
-                "≥0.85x raw argon2",
-                verdict(pair.ratio >= 0.85),
-            )
+        self.requests(
+            f"d. POST /auth/login{suffix} ({LOGIN_CONNECTIONS} conns)",
+            pair,
+            "≥0.85x raw argon2",
+            verdict(pair.ratio >= 0.85),
+            ("logins/s", "argon2id verify/s"),
         )
-        errors = _errors(pair.subject)
-        if errors:
-            self.report.notes.append(f"d. login{suffix}: the service answered {errors}.")
 
     def figure_register(self, service: Server) -> None:
         """e: registrations per second against raw argon2id hashes per second."""
@@ -418,17 +420,11 @@ class Bench:
             return run_wrk(self.wrk, run)
 
         pair = alternate(register, self.argon2("hash"))
-        self.report.rows.append(
-            Row(
-                f"e. POST /auth/register ({LOGIN_CONNECTIONS} conns)",
-                _fmt_rate(pair, "subject", "registrations/s"),
-                _fmt_rate(pair, "baseline", "argon2id hash/s"),
-                f"{pair.ratio:.2f}x",
-            )
+        self.requests(
+            f"e. POST /auth/register ({LOGIN_CONNECTIONS} conns)",
+            pair,
+            units=("registrations/s", "argon2id hash/s"),
         )
-        errors = _errors(pair.subject)
-        if errors:
-            self.report.notes.append(f"e. register: the service answered {errors}.")
 
     def figure_refresh(self, service: Server, bare: Server) -> None:
         """f: refresh-token rotations per second, with a queue of live tokens per wrk thread."""
@@ -448,17 +444,11 @@ class Bench:
             return run_wrk(self.wrk, run)
 
         pair = alternate(refresh, self.get(bare, "/users/me", None, CONNECTIONS))
-        self.report.rows.append(
-            Row(
-                f"f. refresh_token grant ({CONNECTIONS} conns)",
-                _fmt_rate(pair, "subject", "refreshes/s"),
-                _fmt_rate(pair, "baseline", "req/s (bare route)"),
-                f"{pair.ratio:.2f}x",
-            )
+        self.requests(
+            f"f. refresh_token grant ({CONNECTIONS} conns)",
+            pair,
+            units=("refreshes/s", "req/s (bare route)"),
         )
-        errors = _errors(pair.subject)
-        if errors:
-            self.report.notes.append(f"f. refresh: the service answered {errors}.")
 
     def figure_me_during_logins(self, service: Server) -> None:
         """g: /users/me p99 while logins run flat out, against /users/me alone (16 conns each)."""
