@@ -96,6 +96,9 @@ class _BatchedReads:
             answer.exception()  # retrieved here: readers that went away must not warn
         else:
             answer.set_result(values)
+        finally:
+            if not answer.done():  # cancelled (shut-down): nobody may wait for it for ever
+                answer.cancel()
 
 
 class UserCache:
@@ -128,13 +131,17 @@ class UserCache:
         does not cancel it for the others. ``invalidate`` forgets a running load of what it
         drops, so a request that starts after a logout never shares a read from before it."""
         key = (user_id, session_id)
-        task = self._loading.get(key)
-        if task is None:
-            task = asyncio.ensure_future(load())
-            self._loading[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
+        task = self._loading.get(key) or self._start(key, load)
         result: T = await asyncio.shield(task)
         return result
+
+    def _start(
+        self, key: tuple[uuid.UUID, uuid.UUID], load: Callable[[], Awaitable[Any]]
+    ) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(load())
+        self._loading[key] = task
+        task.add_done_callback(lambda done: self._forget(key, done))
+        return task
 
     def _forget(self, key: tuple[uuid.UUID, uuid.UUID], task: asyncio.Task[Any]) -> None:
         if self._loading.get(key) is task:
@@ -150,9 +157,7 @@ class UserCache:
         requests never wait for the database."""
         key = (user_id, session_id)
         if key not in self._loading:
-            task = asyncio.ensure_future(load())
-            self._loading[key] = task
-            task.add_done_callback(lambda done: self._forget(key, done))
+            self._start(key, load)
 
     def ageing(self, state: SessionState) -> bool:
         return self._clock() - state.checked_at > self._max_age / 2
