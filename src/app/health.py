@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from src import __version__
-from src.app.container import app_services
+from src.app.container import AppServices, app_services
 from src.config.settings import Settings
 from src.db.session import check_database, migration_status
 from src.db.types import utcnow
@@ -179,18 +179,42 @@ class SharedResult(Generic[T]):
 
 @dataclass
 class HealthShares:
-    """What anonymous callers share (operators get fresh answers), and the SMTP probe, which
-    everyone shares."""
+    """What anonymous callers share (operators get fresh answers), the SMTP probe, which
+    everyone shares, and whether shut-down has begun, which readiness answers before anything
+    shared."""
 
     report: SharedResult[HealthReport] = field(default_factory=lambda: SharedResult(1.0))
     readiness: SharedResult[str | None] = field(default_factory=lambda: SharedResult(1.0))
     smtp: SharedResult[CheckResult] = field(
         default_factory=lambda: SharedResult(SMTP_PROBE_REUSE_SECONDS)
     )
+    # Set once, at the very start of shut-down (``begin_draining``): from then on /ready says
+    # "not ready", so load balancers stop sending traffic before anything is closed.
+    draining: bool = False
 
 
 def shares(app: FastAPI) -> HealthShares:
     return app_services(app).health
+
+
+# The reason /ready gives operators from the start of shut-down.
+SHUTTING_DOWN = "shutting down"
+
+
+def begin_draining(app: FastAPI) -> None:
+    """Mark shut-down as begun: readiness turns "not ready" at once (even for a "ready" an
+    anonymous caller would otherwise share for a second), while liveness stays 200. Called first
+    by shut-down, before anything is closed, so no probe sees a half-closed service as ready."""
+    services: AppServices | None = getattr(app.state, "services", None)
+    if services is not None:
+        services.health.draining = True
+
+
+def is_draining(app: FastAPI) -> bool:
+    """Whether shut-down has begun. An app without its services (taken apart at the end of
+    shut-down, or never started) is not serving either."""
+    services: AppServices | None = getattr(app.state, "services", None)
+    return services is None or services.health.draining
 
 
 async def check_mail_health(app: FastAPI) -> CheckResult:
@@ -233,7 +257,11 @@ async def health_report(app: FastAPI) -> HealthReport:
 
 
 async def readiness(app: FastAPI) -> str | None:
-    """``None`` when ready to serve; otherwise why not (database unreachable or not migrated)."""
+    """``None`` when ready to serve; otherwise why not (shutting down, database unreachable or
+    not migrated). Shut-down is asked first and costs no I/O: a draining instance must say so
+    even when the database no longer answers."""
+    if is_draining(app):
+        return SHUTTING_DOWN
     settings: Settings = app.state.settings
     timeout = settings.HEALTH_CHECK_TIMEOUT
     try:

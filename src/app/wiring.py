@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from src.app.container import AppServices
-from src.app.health import HealthShares
+from src.app.health import HealthShares, begin_draining
 from src.auth.account import ensure_first_admin
 from src.auth.context import Security
 from src.auth.jwt import AccessTokenCodec, SigningKey, load_signing_key
@@ -210,16 +210,18 @@ def _start_background_work(app: FastAPI, services: AppServices) -> None:
     def kafka() -> KafkaManager | None:
         return get_kafka_from_app(app)
 
-    if settings.KAFKA_ENABLED:
+    if settings.KAFKA_ENABLED and settings.OUTBOX_RELAY_IN_PROCESS:
         services.relay = OutboxRelay(settings, services.sessionmaker, kafka, services.outbox_signal)
         tasks.append(asyncio.create_task(services.relay.run(), name="outbox-relay"))
-        if settings.AUDIT_CONSUMER_ENABLED:
-            services.audit_consumer = AuditConsumer(settings, services.sessionmaker, kafka)
-            tasks.append(asyncio.create_task(services.audit_consumer.run(), name="audit-consumer"))
     else:
-        # No relay to prune published rows and expired sealed links: tidy on a timer instead.
+        # No relay here to prune published rows and expired sealed links: tidy on a timer
+        # instead. A relay run apart prunes too, but this process cannot know that one runs, and
+        # expired links must go regardless; pruning twice deletes nothing twice.
         tidy = keep_outbox_tidy(services.sessionmaker, settings)
         tasks.append(asyncio.create_task(tidy, name="outbox-housekeeping"))
+    if settings.KAFKA_ENABLED and settings.AUDIT_CONSUMER_ENABLED:
+        services.audit_consumer = AuditConsumer(settings, services.sessionmaker, kafka)
+        tasks.append(asyncio.create_task(services.audit_consumer.run(), name="audit-consumer"))
     if settings.mail_enabled and settings.MAIL_COURIER_IN_PROCESS:
         services.courier = Courier(
             settings,
@@ -234,8 +236,14 @@ def _start_background_work(app: FastAPI, services: AppServices) -> None:
 
 
 async def stop(app: FastAPI) -> None:
-    """Cancel background work, close Kafka, Redis and the database pool, stop the hashing pool:
-    whatever ``start`` got to, and nothing twice."""
+    """Say "not ready" first, then cancel background work, close Kafka, Redis and the database
+    pool, stop the hashing pool: whatever ``start`` got to, and nothing twice.
+
+    Readiness turns 503 before anything is closed: a probe that still reaches this instance
+    while it shuts down takes it out of rotation instead of finding it "ready" and half taken
+    apart. The lifespan's shut-down is the earliest hook the app has; uvicorn runs it after it
+    has stopped accepting connections and let the open ones finish."""
+    begin_draining(app)
     services: AppServices | None = getattr(app.state, "services", None)
     if services is not None:
         await _cancel(services.tasks)

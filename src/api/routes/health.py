@@ -2,7 +2,7 @@
 
 ``/health`` is 200 unless the database is down; a single-dependency check is 200 when healthy or
 disabled and 503 when unhealthy. ``/live`` says the process answers; ``/ready`` that the database
-is reachable and migrated.
+is reachable and migrated and shut-down has not begun.
 
 Anonymous callers see statuses only. Error texts name internal hosts and ports, and counters such
 as the outbox backlog move when somebody asks for a password reset — which would tell an
@@ -31,6 +31,7 @@ from src.app.health import (
     check_mail_health,
     check_redis_health,
     health_report,
+    is_draining,
     readiness,
     shares,
 )
@@ -148,10 +149,14 @@ async def live() -> Liveness:
     responses={503: {"description": "Not ready", "model": Readiness}},
 )
 async def ready(request: Request, response: Response, operator: Operator) -> Readiness:
+    """503 while the database is unreachable or not migrated, and from the start of shut-down
+    (so load balancers drain this instance first), when liveness still answers 200."""
     app = request.app
-    reason = await (
-        readiness(app) if operator else shares(app).readiness.get(lambda: readiness(app))
-    )
+    if operator or is_draining(app):
+        # Draining is a flag, not a check: never answered from the shared (up to 1 s old) result.
+        reason = await readiness(app)
+    else:
+        reason = await shares(app).readiness.get(lambda: readiness(app))
     if reason is not None:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
         return Readiness(status="not_ready", reason=reason if operator else None)

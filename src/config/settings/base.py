@@ -239,6 +239,10 @@ class Settings(BaseSettings):
     # Run the courier inside the API process (small set-ups); off when it runs on its own
     # (``python -m src.mail``).
     MAIL_COURIER_IN_PROCESS: bool = True
+    # Run the outbox relay inside each API process; false when the relay runs as its own process
+    # (``python -m src.events.relay``), scaled apart from the API. The audit consumer is not
+    # affected: it shares its partitions out among the API processes either way.
+    OUTBOX_RELAY_IN_PROCESS: bool = True
     # Consumer group of the courier on KAFKA_NOTIFICATIONS_TOPIC.
     MAIL_COURIER_GROUP_ID: str = "user_service_courier"
     # A notification that keeps failing is given up after this many attempts (logged, in health).
