@@ -41,7 +41,7 @@ from redis import Redis
 
 from src.config.settings import Settings
 from src.db.session import upgrade_database
-from tests.support.servers import KafkaBroker, RedisServer, tansu_binary
+from tests.support.servers import KafkaBroker, RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -180,16 +180,7 @@ def start_broker(topics: list[str]) -> KafkaBroker:
     broker = KafkaBroker()
     broker.start()
     for topic in topics:
-        subprocess.run(
-            [
-                tansu_binary(), "topic", "create", topic,
-                "--broker", f"tcp://127.0.0.1:{broker.port}",
-                "--partitions", str(TOPIC_PARTITIONS),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        )  # fmt: skip
+        broker.create_topic(topic, TOPIC_PARTITIONS)
     return broker
 
 

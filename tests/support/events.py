@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
 from tests.support.app import eventually
-from tests.support.servers import KafkaBroker, free_port, tansu_binary
+from tests.support.servers import KafkaBroker, free_port
 
 USER_EVENTS = "user-events"
 NOTIFICATIONS = "user-notifications"
@@ -359,18 +358,6 @@ class ProxiedBroker(KafkaBroker):
     @property
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.public_port}"
-
-    def create_topic(self, name: str, partitions: int) -> None:
-        subprocess.run(
-            [
-                tansu_binary(), "topic", "create", name,
-                "--broker", f"tcp://127.0.0.1:{self.port}",
-                "--partitions", str(partitions),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=10,
-        )  # fmt: skip
 
 
 @contextlib.asynccontextmanager

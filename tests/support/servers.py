@@ -158,6 +158,20 @@ class KafkaBroker(ManagedProcess):
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def create_topic(self, name: str, partitions: int) -> None:
+        """Before any client writes to it: tansu acknowledges writes to a topic it does not know,
+        and drops them."""
+        subprocess.run(
+            [
+                tansu_binary(), "topic", "create", name,
+                "--broker", f"tcp://127.0.0.1:{self.port}",
+                "--partitions", str(partitions),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )  # fmt: skip
+
 
 class SilentServer:
     """Accepts TCP connections and never answers: the worst case for a client's timeouts."""
