@@ -13,6 +13,7 @@ from src.api.middleware import (
     Load,
     OverloadMiddleware,
     RequestGuardMiddleware,
+    RequestIdMiddleware,
     SecurityHeadersMiddleware,
 )
 from src.api.router import api_routers
@@ -27,7 +28,12 @@ from src.web.install import install_pages
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build an app; tests pass their own settings, production reads the environment."""
     settings = settings or load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_REPEAT_INTERVAL_SECONDS)
+    configure_logging(
+        settings.LOG_LEVEL,
+        settings.LOG_REPEAT_INTERVAL_SECONDS,
+        settings.LOG_FORMAT,
+        production=settings.is_production,
+    )
     app = FastAPI(
         title=settings.PROJECT_NAME,
         version=__version__,
@@ -67,6 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     hsts = settings.PUBLIC_BASE_URL.lower().startswith("https://")
     app.add_middleware(SecurityHeadersMiddleware, hsts=hsts)
+    # Outermost of all: every answer, refused or not, carries its request id, and is timed whole.
+    app.add_middleware(
+        RequestIdMiddleware,
+        quiet_paths=(f"{API_V1}/health/live", f"{API_V1}/health/ready"),
+    )
     for router in api_routers:
         app.include_router(router, prefix=API_V1)
     app.include_router(well_known.router)

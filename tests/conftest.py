@@ -34,6 +34,9 @@ from tests.support.oidc import ADMIN_PASSWORD as ADMIN_PASSWORD
 from tests.support.oidc import ISSUER
 from tests.support.servers import KafkaBroker, RedisServer, postgres_admin_url
 
+# Every log line of the session is scanned for passwords, tokens and hashes (fails the run).
+pytest_plugins = ["tests.support.log_scan"]
+
 
 def _to_asyncpg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://", 1)

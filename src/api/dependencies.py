@@ -21,6 +21,7 @@ from src.auth import service as auth_service
 from src.auth import step_up
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
+from src.config.logging import client_id_var, user_id_var
 from src.config.settings import Settings
 from src.db.session import close_session
 from src.errors import NotAuthenticated, PermissionDenied, StepUpRequired
@@ -104,6 +105,9 @@ async def get_current_user(
         raise NotAuthenticated()
     sessions = services.sessionmaker
     principal = await auth_service.authenticate(sessions, services.security, token)
+    # Every log line from here to the end of the request names who it was for.
+    user_id_var.set(str(principal.id))
+    client_id_var.set(principal.client_id)
     if principal.client_id is not None and not await services.first_party.check(
         sessions, principal.client_id
     ):

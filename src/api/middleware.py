@@ -14,6 +14,10 @@ answered 503 with ``Retry-After`` before any work.
 does not set its own: no sniffing, no referrer, no framing, a CSP that allows nothing (JSON needs
 nothing), ``Cache-Control: no-store`` (answers are user-specific), and HSTS when the service is
 served over https.
+
+``RequestIdMiddleware`` gives every request an id (the client's ``X-Request-ID`` when it is
+well-formed, a fresh one otherwise), makes it part of every log line written while serving it,
+echoes it in the response's ``X-Request-ID``, and writes one access line per request at the end.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.api.errors import problem_response
+from src.config.logging import client_id_var, request_id_var, user_id_var
 
 logger = logging.getLogger(__name__)
 
@@ -289,3 +295,104 @@ class SecurityHeadersMiddleware:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+# What a client may choose as its request id: enough for a UUID, a trace id or a load balancer's
+# id, and nothing that could forge a second log line or field (no spaces, quotes or controls).
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+access_logger = logging.getLogger("src.access")
+
+
+def accepted_request_id(raw: bytes | None) -> str:
+    """The client's ``X-Request-ID`` when well-formed, else a fresh one (a uuid4, in hex)."""
+    if raw is not None:
+        text = raw.decode("latin-1")
+        if _REQUEST_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def route_template(scope: Scope, path: str) -> str:
+    """The template of the route that served ``path`` (``/api/v1/users/{user_id}``), else
+    ``path`` itself (no route matched: a 404, or a refusal before routing).
+
+    FastAPI's ``scope["route"]`` is the route as its router declared it, without the prefix the
+    router was included under; the prefix is what precedes the part of the path the route's
+    pattern matches (tried at the first few slashes only, so a long path costs little).
+    """
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    pattern = getattr(route, "path_regex", None)
+    if not isinstance(template, str) or not isinstance(pattern, re.Pattern):
+        return path
+    start = 0
+    for _ in range(_MAX_PREFIX_SEGMENTS):
+        if pattern.match(path[start:]):
+            return path[:start] + template
+        start = path.find("/", start + 1)
+        if start < 0:
+            break
+    return path
+
+
+_MAX_PREFIX_SEGMENTS = 8
+
+
+class RequestIdMiddleware:
+    """An id for every request, in its log lines and its ``X-Request-ID``; one access line each.
+
+    Outermost, so that a refused request (413, 431, 503) carries the id too, and the access line
+    times the whole of it. The client's id is kept when well-formed, so a request can be followed
+    from a gateway that already set one; a malformed one is replaced rather than refused (the id
+    is for us, and a bad one must not cost the client its answer). Lines for ``quiet_paths``
+    (health probes, every few seconds from an orchestrator) are written at DEBUG, not INFO.
+    """
+
+    def __init__(self, app: ASGIApp, quiet_paths: Collection[str] = ()) -> None:
+        self.app = app
+        self.quiet_paths = frozenset(quiet_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((v for n, v in scope.get("headers", ()) if n == b"x-request-id"), None)
+        request_id = accepted_request_id(given)
+        header = (b"x-request-id", request_id.encode())
+        status = 500  # what the client gets if the app fails before answering
+        started = time.perf_counter()
+        tokens = (
+            request_id_var.set(request_id),
+            # Set by authentication (src.api.dependencies); none until then, whatever came before.
+            user_id_var.set(None),
+            client_id_var.set(None),
+        )
+
+        async def with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+                # A copy: some answers (the overload 503) are one message object, built once.
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, with_id)
+        finally:
+            path: str = scope.get("path", "")
+            access_logger.log(
+                logging.DEBUG if path in self.quiet_paths else logging.INFO,
+                "request",
+                extra={
+                    "method": scope.get("method"),
+                    # The template (/api/v1/users/{user_id}): lines group by operation, and an id
+                    # in a path is not written out for every request.
+                    "route": route_template(scope, path),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                },
+            )
+            client_id_var.reset(tokens[2])
+            user_id_var.reset(tokens[1])
+            request_id_var.reset(tokens[0])

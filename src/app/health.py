@@ -25,7 +25,7 @@ from src.db.types import utcnow
 from src.events.outbox import outbox_backlog
 from src.mail.sender import check_smtp
 from src.services.connections import connections_of
-from src.services.redis_client import ping
+from src.services.redis_client import describe_redis, ping
 
 T = TypeVar("T")
 
@@ -91,7 +91,10 @@ async def check_redis_health(app: FastAPI) -> CheckResult:
     if not settings.REDIS_ENABLED or client is None:
         return CheckResult(status=CheckStatus.DISABLED)
     timeout = settings.HEALTH_CHECK_TIMEOUT
-    return await _run(lambda: ping(client, timeout), timeout)
+    result = await _run(lambda: ping(client, timeout), timeout)
+    # Where it connects (a URL's password left out), so operators know which Redis is meant.
+    result.details = {"target": describe_redis(settings)}
+    return result
 
 
 async def check_kafka_health(app: FastAPI) -> CheckResult:

@@ -8,13 +8,27 @@ and the next one after the interval says how many were left out.
 The audit trail (``src.auth.audit``: refused sign-ins, rate-limited password checks, refused
 tokens) is never thinned: each line names a user and an address, and an attacker must not be
 able to hide the next victim's line behind a first one of their own.
+
+Every line carries the request it was written for (``request_id``, set by
+``src.api.middleware.RequestIdMiddleware`` and echoed to the client in ``X-Request-ID``), and the
+signed-in user and client once authentication has succeeded: an operator given an id by a user
+finds every line of that request, and a collector can group by user. The ids live in context
+variables here, under everything, so any module can log without passing them around.
+
+Two formats (``LOG_FORMAT``): ``json``, one object per line for a log collector, and ``text`` for
+a person at a terminal. A traceback appears in JSON only at ERROR and above (as ``traceback``);
+a lower-level line with an exception carries its type (``exc_type``) and nothing more. None of
+this ever reaches a client: responses are built in ``src.api.errors``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any, Literal
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Distinct places are a few dozen; a message built with an f-string would make many, so the
@@ -23,18 +37,101 @@ _MAX_TRACKED = 1000
 # Loggers whose every line is kept, whatever the interval.
 NEVER_THINNED = ("src.auth.audit",)
 
+# Who and what the current request is about. A context variable, not a global: each request is
+# its own asyncio task with its own copy, so concurrent requests never see each other's ids.
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+user_id_var: ContextVar[str | None] = ContextVar("user_id", default=None)
+client_id_var: ContextVar[str | None] = ContextVar("client_id", default=None)
+_CONTEXT = (("request_id", request_id_var), ("user_id", user_id_var), ("client_id", client_id_var))
+_CONTEXT_NAMES = frozenset(name for name, _ in _CONTEXT)
+
+# What every LogRecord has; anything else on a record came from ``extra=`` and is written out.
+_STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "repeats_left_out",
+}
+
+
+def _utc(record: logging.LogRecord) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def _context(record: logging.LogRecord) -> dict[str, Any]:
+    """The request's ids (an ``extra=`` of the same name wins), leaving out those not known."""
+    found: dict[str, Any] = {}
+    for name, var in _CONTEXT:
+        value = getattr(record, name, None) or var.get()
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _STANDARD and not key.startswith("_") and key not in _CONTEXT_NAMES
+    }
+
 
 class _UTCFormatter(logging.Formatter):
+    """The text format: the classic line, then ``key=value`` for the request id and extras."""
+
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        return f"{stamp}.{int(record.msecs):03d}Z"
+        return _utc(record)
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
+        tail = "".join(f" {k}={v}" for k, v in (_context(record) | _extras(record)).items())
+        if tail:
+            # After the message, before a traceback (which starts on the next line).
+            first, newline, rest = line.partition("\n")
+            line = first + tail + newline + rest
         left_out = getattr(record, "repeats_left_out", 0)
         if left_out:
             line += f" [{left_out} more like this left out]"
         return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what a log collector parses without any pattern to maintain."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _utc(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(_context(record))
+        entry.update(_extras(record))
+        left_out = getattr(record, "repeats_left_out", 0)
+        if left_out:
+            entry["repeats_left_out"] = left_out
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exc_type"] = record.exc_info[0].__name__
+            if record.levelno >= logging.ERROR:
+                entry["traceback"] = self.formatException(record.exc_info)
+        # default=str: an extra of any type (a UUID, a datetime) is written rather than lost.
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def resolve_format(log_format: str, production: bool) -> Literal["json", "text"]:
+    """``auto`` is json in production (a collector reads the lines), text elsewhere."""
+    if log_format == "auto":
+        return "json" if production else "text"
+    if log_format not in ("json", "text"):
+        raise ValueError(f"unknown log format {log_format!r}")
+    return "json" if log_format == "json" else "text"
+
+
+def make_formatter(log_format: str, production: bool = False) -> logging.Formatter:
+    if resolve_format(log_format, production) == "json":
+        return JsonFormatter()
+    return _UTCFormatter(_FORMAT)
 
 
 class RepeatFilter(logging.Filter):
@@ -70,17 +167,24 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, repeat_interval: float = 10.0) -> None:
-    """Install a single stderr handler on the ``src`` logger tree (idempotent across app builds)."""
+def configure_logging(
+    level: str,
+    repeat_interval: float = 10.0,
+    log_format: str = "text",
+    *,
+    production: bool = False,
+) -> None:
+    """Install a single stderr handler on the ``src`` logger tree (idempotent across app builds:
+    a second call changes the level, interval and format of the handler the first installed)."""
     logger = logging.getLogger("src")
     logger.setLevel(level)
     handler = next((h for h in logger.handlers if getattr(h, "_ums", False)), None)
     if handler is None:
         handler = logging.StreamHandler()
-        handler.setFormatter(_UTCFormatter(_FORMAT))
         handler._ums = True  # type: ignore[attr-defined]
         handler.addFilter(RepeatFilter(repeat_interval))
         logger.addHandler(handler)
+    handler.setFormatter(make_formatter(log_format, production))
     for existing in handler.filters:
         if isinstance(existing, RepeatFilter):
             existing.interval = repeat_interval

@@ -331,7 +331,12 @@ async def _main() -> None:
     from src.db.session import create_engine, create_sessionmaker
 
     settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_REPEAT_INTERVAL_SECONDS)
+    configure_logging(
+        settings.LOG_LEVEL,
+        settings.LOG_REPEAT_INTERVAL_SECONDS,
+        settings.LOG_FORMAT,
+        production=settings.is_production,
+    )
     engine = create_engine(settings)
     manager = KafkaManager(settings)
     relay = OutboxRelay(

@@ -81,7 +81,12 @@ async def _run() -> int:
     from src.services.kafka.manager import KafkaManager
 
     settings = load_settings()
-    configure_logging(settings.LOG_LEVEL, settings.LOG_REPEAT_INTERVAL_SECONDS)
+    configure_logging(
+        settings.LOG_LEVEL,
+        settings.LOG_REPEAT_INTERVAL_SECONDS,
+        settings.LOG_FORMAT,
+        production=settings.is_production,
+    )
     if not settings.mail_enabled:
         logger.error("SMTP_HOST is not set: there is nothing to send mail with")
         return 2

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from src.config.settings import Settings
 from src.services.kafka.manager import KafkaManager
-from src.services.redis_client import create_redis_client, ping
+from src.services.redis_client import create_redis_client, describe_redis, ping
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +72,13 @@ async def initialize_redis_connection(app: FastAPI) -> bool:
         await ping(client, settings.REDIS_CONNECT_TIMEOUT + settings.REDIS_SOCKET_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - Redis failing must never stop start-up
         logger.warning(
-            "Redis unavailable at %s:%s (%s); continuing without it",
-            settings.REDIS_HOST,
-            settings.REDIS_PORT,
+            "Redis unavailable at %s (%s); continuing without it",
+            describe_redis(settings),
             _describe(exc),
         )
         return False
     held.redis_available = True
-    logger.info("Redis connected at %s:%s", settings.REDIS_HOST, settings.REDIS_PORT)
+    logger.info("Redis connected at %s", describe_redis(settings))
     return True
 
 

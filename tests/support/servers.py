@@ -200,3 +200,45 @@ def postgres_admin_url(tmp_root: Path) -> str:
     if url:
         return url
     return own_postgres(tmp_root / "pgdata")
+
+
+@dataclass
+class RedisReplica(RedisServer):
+    """A Redis replicating ``master_port`` on loopback (the other half of a Sentinel set-up)."""
+
+    name: str = "redis-replica"
+    master_port: int = 0
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--replicaof", "127.0.0.1", str(self.master_port)]
+
+
+@dataclass
+class RedisSentinel(ManagedProcess):
+    """``redis-server --sentinel`` watching one master on loopback, failing over fast.
+
+    Each sentinel gets its own config file in its own directory: sentinels rewrite their config
+    (what they learnt about replicas, each other, and the current master).
+    """
+
+    name: str = "redis-sentinel"
+    master_name: str = "mymaster"
+    master_port: int = 0
+    quorum: int = 2
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 3000
+    config_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ums-sentinel-")))
+
+    def command(self) -> list[str]:
+        config = self.config_dir / "sentinel.conf"
+        if not config.exists():
+            config.write_text(
+                f"port {self.port}\n"
+                "bind 127.0.0.1\n"
+                f"dir {self.config_dir}\n"
+                f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} {self.quorum}\n"
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master_name} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.master_name} 1\n"
+            )
+        return [redis_server_binary(), str(config), "--sentinel"]

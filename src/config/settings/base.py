@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     ENVIRONMENT: Environment = Environment.DEVELOPMENT
     PROJECT_NAME: str = "User Management Service"
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # How each log line is written: json (one object per line, for a log collector), text (for
+    # a person at a terminal), or auto: json in production, text otherwise.
+    LOG_FORMAT: Literal["auto", "json", "text"] = "auto"
     # A warning or error repeated (same place, same message) within this many seconds is written
     # once, then once more with the count when the interval is over: an outage or an overload
     # is a few lines, not one per request. 0 writes every line.
@@ -85,6 +88,18 @@ class Settings(BaseSettings):
     REDIS_DB: int = Field(default=0, ge=0)
     REDIS_PASSWORD: SecretStr | None = None
     REDIS_SSL: bool = False
+    # One URL instead of the five above: redis://[:password@]host:port/db, rediss:// for TLS,
+    # unix:///path/redis.sock?db=N. When set it wins over REDIS_HOST, REDIS_PORT, REDIS_DB and
+    # REDIS_SSL (REDIS_PASSWORD applies when the URL has none). A secret: logs and health
+    # details show where it points, never its password.
+    REDIS_URL: SecretStr | None = None
+    # Redis Sentinel instead: the sentinels (comma-separated host:port) are asked where the
+    # master REDIS_SENTINEL_MASTER is, and asked again after a failover, so the client follows
+    # the promoted master. REDIS_DB, REDIS_PASSWORD and REDIS_SSL apply to the master (the
+    # sentinels are reached without a password). Cannot be combined with REDIS_URL.
+    REDIS_SENTINELS: str | None = None
+    # The master's name, as in the sentinels' own "sentinel monitor NAME host port quorum".
+    REDIS_SENTINEL_MASTER: str = Field(default="mymaster", min_length=1)
     REDIS_CONNECT_TIMEOUT: float = Field(default=0.5, gt=0, le=30)
     REDIS_SOCKET_TIMEOUT: float = Field(default=0.5, gt=0, le=30)
     # A cache should give up quickly: a couple of retries, then fall back to the database.
@@ -300,6 +315,41 @@ class Settings(BaseSettings):
         if not servers or any(":" not in s for s in servers):
             raise ValueError("expected a comma-separated list of host:port")
         return ",".join(servers)
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        # The message never repeats the URL: it may hold a password.
+        parsed = urlsplit(value.get_secret_value())
+        if parsed.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        if parsed.scheme != "unix" and not parsed.hostname:
+            raise ValueError("expected a host, as in redis://host:6379/0")
+        if parsed.scheme == "unix" and not parsed.path:
+            raise ValueError("expected a socket path, as in unix:///run/redis.sock")
+        try:
+            parsed.port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError("the port is not a number between 1 and 65535") from None
+        return value
+
+    @field_validator("REDIS_SENTINELS")
+    @classmethod
+    def _redis_sentinels(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        sentinels = _split(value)
+        if not sentinels:
+            raise ValueError("expected a comma-separated list of host:port")
+        for item in sentinels:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"{item!r} is not host:port")
+        if info.data.get("REDIS_URL") is not None:
+            raise ValueError("set either REDIS_URL or REDIS_SENTINELS, not both")
+        return ",".join(sentinels)
 
     @field_validator("DATABASE_URL")
     @classmethod
