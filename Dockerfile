@@ -19,7 +19,10 @@ WORKDIR /build
 # What `pip install .` needs (pyproject.toml names README.md).
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN /opt/venv/bin/pip install .
+# Optional extras, e.g. `docker build --build-arg EXTRAS=tracing .` for OpenTelemetry
+# (docs/tracing.md). Empty by default: the image carries only what the service needs.
+ARG EXTRAS=""
+RUN /opt/venv/bin/pip install ".${EXTRAS:+[$EXTRAS]}"
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM python:3.11-slim

@@ -18,10 +18,12 @@ from src.api.middleware import (
 )
 from src.api.router import api_routers
 from src.api.routes import oauth, well_known
+from src.api.routes.metrics import install_metrics
 from src.config.events import lifespan
 from src.config.logging import configure_logging
 from src.config.settings import Settings, load_settings
 from src.services.connections import Connections
+from src.services.metrics import http_metrics
 from src.web.install import install_pages
 
 
@@ -50,12 +52,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # overload cap comes after the request guard, so a request counts once its body is in (a
     # client dribbling bodies holds its own connections, not everyone's places).
     app.state.load = Load()
+    # Requests are counted where they are already timed and routed; None when METRICS=off.
+    recorder = http_metrics(settings)
     app.add_middleware(
         OverloadMiddleware,
         limit=settings.MAX_REQUESTS_IN_FLIGHT,
         load=app.state.load,
         exempt_prefix=f"{API_V1}/health",
         log_interval=settings.LOG_REPEAT_INTERVAL_SECONDS,
+        metrics=recorder,
     )
     app.add_middleware(
         RequestGuardMiddleware,
@@ -76,7 +81,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outermost of all: every answer, refused or not, carries its request id, and is timed whole.
     app.add_middleware(
         RequestIdMiddleware,
-        quiet_paths=(f"{API_V1}/health/live", f"{API_V1}/health/ready"),
+        quiet_paths=(f"{API_V1}/health/live", f"{API_V1}/health/ready", "/metrics"),
+        metrics=recorder,
     )
     for router in api_routers:
         app.include_router(router, prefix=API_V1)
@@ -85,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oauth.router)
     install_pages(app)
     install_docs(app)
+    install_metrics(app, settings)
     return app
 
 

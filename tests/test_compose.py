@@ -219,7 +219,11 @@ def test_dockerfile_runs_as_non_root() -> None:
 def test_dockerfile_installs_the_package_and_exposes_8000() -> None:
     instructions = _instructions()
     runs = " ".join(args for keyword, args in instructions if keyword == "RUN")
-    assert re.search(r"pip install (\S+ )*\.(\s|$)", runs)
+    # The package itself, with the optional extras a build argument names (none by default).
+    assert re.search(r"pip install (\S+ )*\.(\s|$)", runs) or re.search(
+        r'pip install (\S+ )*"\.\$\{EXTRAS:\+\[\$EXTRAS\]\}"', runs
+    )
+    assert re.search(r'^ARG EXTRAS=""$', (ROOT / "Dockerfile").read_text(), re.MULTILINE)
     assert any(keyword == "EXPOSE" and "8000" in args.split() for keyword, args in instructions)
     healthchecks = [args for keyword, args in instructions if keyword == "HEALTHCHECK"]
     assert healthchecks and "/api/v1/health/live" in healthchecks[0]

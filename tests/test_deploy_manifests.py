@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.util
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +32,6 @@ PLACEHOLDER = "CHANGE-ME"
 UID = 10001
 LIVE = "/api/v1/health/live"
 READY = "/api/v1/health/ready"
-RELAY_MODULE = "src.events.relay"
 
 
 def _documents() -> list[tuple[str, dict[str, Any]]]:
@@ -182,10 +181,26 @@ def test_api_probes_ask_the_health_endpoints() -> None:
 def test_api_serves_on_8000_without_migrating() -> None:
     """Arguments replace the entry point's "migrate, then serve": pods of one roll-out must not
     race to migrate; the Job does it."""
-    argv = " ".join(_argv(_container(_component("api"))))
-    assert re.fullmatch(r"uvicorn src\.main:app --host 0\.0\.0\.0 --port 8000 .*", argv), argv
-    assert "alembic" not in argv
-    assert "--workers" not in argv, "uvicorn reads WEB_CONCURRENCY from the ConfigMap"
+    argv = _argv(_container(_component("api")))
+    assert argv == ["user-service", "serve", "--host", "0.0.0.0", "--port", "8000"], argv
+    assert "--migrate" not in argv
+    assert "--workers" not in argv, "serve reads WEB_CONCURRENCY from the ConfigMap"
+    _is_a_command(argv)
+
+
+def test_metrics_are_scraped_from_a_port_the_service_does_not_expose() -> None:
+    api = _component("api")
+    env = _environment(_container(api))
+    settings = Settings(_env_file=None, **env)  # type: ignore[arg-type]
+    assert settings.METRICS == "open" and settings.METRICS_PORT == 9100
+    assert settings.METRICS_HOST == "0.0.0.0"
+    ports = {port["name"]: port["containerPort"] for port in _container(api)["ports"]}
+    assert ports["metrics"] == settings.METRICS_PORT
+    annotations = api["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.METRICS_PORT)
+    service = _one("Service", api["metadata"]["name"])
+    exposed = {port.get("targetPort") for port in service["spec"]["ports"]}
+    assert not exposed & {"metrics", settings.METRICS_PORT}, exposed
 
 
 def test_service_budget_and_autoscaler_point_at_the_api() -> None:
@@ -218,13 +233,21 @@ def test_api_leaves_the_relay_to_its_own_deployment() -> None:
     assert settings.OUTBOX_RELAY_IN_PROCESS is False
 
 
-def test_relay_deployment_runs_the_relay_module() -> None:
+def _is_a_command(argv: list[str]) -> None:
+    """``user-service …``: the console script the image installs, with a subcommand it has."""
+    from src.cli import build_parser
+
+    assert argv[0] == "user-service", argv
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["user-service"] == "src.cli:main"
+    build_parser().parse_args(argv[1:])  # exits (SystemExit) on an unknown command
+
+
+def test_relay_deployment_runs_the_relay_command() -> None:
     relay = _component("outbox-relay")
     assert relay["kind"] == "Deployment"
-    assert _argv(_container(relay)) == ["python", "-m", RELAY_MODULE]
-    spec = importlib.util.find_spec(RELAY_MODULE)
-    assert spec is not None and spec.origin is not None
-    assert "async def _main(" in Path(spec.origin).read_text()
+    assert _argv(_container(relay)) == ["user-service", "relay"]
+    _is_a_command(_argv(_container(relay)))
     env = _environment(_container(relay))
     assert {"DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS"} <= set(env)
     # It seals nothing and signs nothing: it is not handed the keys.
@@ -235,12 +258,8 @@ def test_relay_deployment_runs_the_relay_module() -> None:
 def test_migration_job_upgrades_to_head() -> None:
     job = _component("migration")
     assert job["kind"] == "Job"
-    assert _argv(_container(job)) == ["alembic", "upgrade", "head"]
-    # The image's working directory is /app, where alembic.ini is copied.
-    assert (ROOT / "alembic.ini").is_file()
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)
-    assert re.search(r"^COPY .*\balembic\.ini\b.* \./$", dockerfile, re.MULTILINE)
+    assert _argv(_container(job)) == ["user-service", "migrate"]
+    _is_a_command(_argv(_container(job)))
     assert "DATABASE_URL" in _environment(_container(job))
 
 

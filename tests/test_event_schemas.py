@@ -27,6 +27,7 @@ from src.app.container import app_services
 from src.config.settings import Settings
 from src.events.outbox import NOTIFICATION_EVENTS, EventType, topic_for
 from src.events.relay import OutboxRelay
+from src.users.privacy import erase_user
 from tests.support.app import PASSWORD, bearer, eventually, login, register, unique_email
 from tests.support.auth import (
     QUICK_SETTINGS,
@@ -274,6 +275,11 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
         # One request, three kinds of change: user.updated, role_changed and deactivated.
         {"full_name": "Set By Admin", "is_active": False, "role": "admin"},
     ]
+    # One of its sessions ended by an administrator (user.session_revoked).
+    await login(client, other["email"])
+    sessions = _ok(await client.get(f"{API}/users/{oid}/sessions", headers=admin))
+    revoke = f"{API}/users/{oid}/sessions/{sessions[0]['id']}"
+    _ok(await client.delete(revoke, headers=admin), 204)
     for change in admin_changes:
         _ok(await client.patch(f"{API}/users/{oid}", json=change, headers=admin))
     _ok(await client.delete(f"{API}/users/{oid}/mfa", headers=admin), 204)  # nothing to reset
@@ -286,6 +292,11 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
         headers=admin,
     )
     _ok(created, 201)
+
+    # A GDPR erasure (`user-service users erase`): user.deleted, then user.erased.
+    erased = await register(client, unique_email("erased"), full_name="Erased Person")
+    services = app_services(app)
+    await erase_user(services.engine, services.security, erased["email"])
 
 
 async def test_a_real_flow_records_every_event_type_as_its_schema_says(

@@ -22,6 +22,7 @@ from src.db.types import utcnow
 from src.events import relay as relay_module
 from src.events.audit import AuditConsumer
 from src.events.envelope import CloudEvent
+from src.events.erasure import ERASED_EMAIL, ERASED_TEXT
 from src.events.outbox import EventType, record_event
 from src.events.relay import OutboxRelay
 from src.services.kafka.serializers import KafkaSerializer
@@ -232,3 +233,43 @@ async def test_a_large_backlog_is_pruned_in_short_chunks(
     assert await OutboxRelay(settings, sessionmaker, lambda: None).prune() == 8
     async with sessionmaker() as db:
         assert (await db.execute(select(OutboxEvent.id))).first() is None
+
+
+async def test_user_erased_scrubs_the_trail_stored_after_the_erasure_ran(
+    make_settings: SettingsFactory,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> None:
+    """The consumer lags: it may store a user's older events (published before the erasure,
+    carrying the address) after the erasure scrubbed the trail. ``user.erased`` comes after
+    them in the partition, and scrubs them."""
+    consumer = AuditConsumer(make_settings(), sessionmaker, lambda: None)
+    user_id, other = uuid.uuid4(), uuid.uuid4()
+    email = unique_email("erased")
+    serializer = KafkaSerializer()
+
+    def record(type_: str, subject: uuid.UUID, data: dict[str, Any], offset: int) -> FakeRecord:
+        event = CloudEvent(
+            id=uuid.uuid4(), source="/test", type=type_, subject=str(subject), time=utcnow(),
+            data=data,
+        )  # fmt: skip
+        return FakeRecord(serializer.serialize(event), offset)
+
+    await consumer.store(
+        [
+            record("user.registered", user_id, {"id": str(user_id), "email": email}, 0),
+            record("user.updated", user_id, {"note": f"was {email}", "full_name": "Ada L"}, 1),
+            record("user.registered", other, {"id": str(other), "email": "keep@example.com"}, 2),
+        ]
+    )
+    await consumer.store(
+        [record("user.erased", user_id, {"id": str(user_id), "erased_at": "2026-01-01"}, 3)]
+    )
+
+    trail = await _stored(sessionmaker, user_id)
+    assert [row.type for row in trail] == ["user.registered", "user.updated", "user.erased"]
+    assert email not in repr([row.data for row in trail])
+    assert "Ada L" not in repr([row.data for row in trail])
+    assert trail[0].data["email"] == ERASED_EMAIL
+    assert trail[1].data == {"note": ERASED_TEXT, "full_name": None}
+    # Nobody else's trail is touched.
+    assert (await _stored(sessionmaker, other))[0].data["email"] == "keep@example.com"

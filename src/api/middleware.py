@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.api.errors import problem_response
 from src.config.logging import client_id_var, request_id_var, user_id_var
+from src.services.metrics import METRICS_PATH, HttpMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -205,11 +206,13 @@ class OverloadMiddleware:
         exempt_prefix: str,
         log_interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        metrics: HttpMetrics | None = None,
     ) -> None:
         self.app = app
         self.limit = limit
         self.load = load
         self.exempt_prefix = exempt_prefix
+        self.metrics = metrics
         body = problem_response(503, "The service is busy; try again in a moment.").body
         self._start: Message = {
             "type": "http.response.start",
@@ -230,21 +233,29 @@ class OverloadMiddleware:
             scope["type"] != "http"
             or self.limit <= 0
             or scope["path"].startswith(self.exempt_prefix)
+            # Scraped when busy above all: a refused scrape is a gap just when it matters.
+            or scope["path"] == METRICS_PATH
         ):
             await self.app(scope, receive, send)
             return
-        load = self.load
+        load, metrics = self.load, self.metrics
         if load.in_flight >= self.limit:
             load.refused += 1
+            if metrics is not None:
+                metrics.refused()
             self._note_refusal()
             await send(self._start)
             await send(self._body)
             return
         load.in_flight += 1
+        if metrics is not None:
+            metrics.admitted()
         try:
             await self.app(scope, receive, send)
         finally:
             load.in_flight -= 1
+            if metrics is not None:
+                metrics.finished()
 
     def _note_refusal(self) -> None:
         # One line per interval, with the running total, rather than one per refused request.
@@ -314,7 +325,12 @@ def accepted_request_id(raw: bytes | None) -> str:
 
 def route_template(scope: Scope, path: str) -> str:
     """The template of the route that served ``path`` (``/api/v1/users/{user_id}``), else
-    ``path`` itself (no route matched: a 404, or a refusal before routing).
+    ``path`` itself (no route matched: a 404, or a refusal before routing)."""
+    return matched_template(scope, path) or path
+
+
+def matched_template(scope: Scope, path: str) -> str | None:
+    """The template of the route that served ``path``, or ``None`` when no route did.
 
     FastAPI's ``scope["route"]`` is the route as its router declared it, without the prefix the
     router was included under; the prefix is what precedes the part of the path the route's
@@ -324,7 +340,7 @@ def route_template(scope: Scope, path: str) -> str:
     template = getattr(route, "path", None)
     pattern = getattr(route, "path_regex", None)
     if not isinstance(template, str) or not isinstance(pattern, re.Pattern):
-        return path
+        return None
     start = 0
     for _ in range(_MAX_PREFIX_SEGMENTS):
         if pattern.match(path[start:]):
@@ -332,7 +348,7 @@ def route_template(scope: Scope, path: str) -> str:
         start = path.find("/", start + 1)
         if start < 0:
             break
-    return path
+    return None
 
 
 _MAX_PREFIX_SEGMENTS = 8
@@ -346,11 +362,18 @@ class RequestIdMiddleware:
     from a gateway that already set one; a malformed one is replaced rather than refused (the id
     is for us, and a bad one must not cost the client its answer). Lines for ``quiet_paths``
     (health probes, every few seconds from an orchestrator) are written at DEBUG, not INFO.
+    The same route, status and duration feed the request metrics when ``metrics`` is given.
     """
 
-    def __init__(self, app: ASGIApp, quiet_paths: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        quiet_paths: Collection[str] = (),
+        metrics: HttpMetrics | None = None,
+    ) -> None:
         self.app = app
         self.quiet_paths = frozenset(quiet_paths)
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -380,17 +403,22 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, with_id)
         finally:
+            elapsed = time.perf_counter() - started
             path: str = scope.get("path", "")
+            method: str = scope.get("method", "")
+            template = matched_template(scope, path)
+            if self.metrics is not None:
+                self.metrics.observe(method, template, status, elapsed)
             access_logger.log(
                 logging.DEBUG if path in self.quiet_paths else logging.INFO,
                 "request",
                 extra={
-                    "method": scope.get("method"),
+                    "method": method,
                     # The template (/api/v1/users/{user_id}): lines group by operation, and an id
                     # in a path is not written out for every request.
-                    "route": route_template(scope, path),
+                    "route": template or path,
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "duration_ms": round(elapsed * 1000, 1),
                 },
             )
             client_id_var.reset(tokens[2])

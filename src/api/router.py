@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from src.api.routes import auth, clients, consents, health, mfa, users
+from src.api.routes import auth, clients, consents, events, health, keys, mfa, users
 
 api_router = APIRouter()
 # In order of traffic: FastAPI tries routes one by one, and every route tried before the right
@@ -14,6 +14,8 @@ api_router.include_router(mfa.router)
 api_router.include_router(mfa.admin_router)
 api_router.include_router(consents.router)
 api_router.include_router(clients.router)
+api_router.include_router(keys.router)
+api_router.include_router(events.router)
 
 api_routers = [
     users.router,
@@ -23,4 +25,6 @@ api_routers = [
     mfa.admin_router,
     consents.router,
     clients.router,
+    keys.router,
+    events.router,
 ]

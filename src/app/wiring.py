@@ -30,14 +30,16 @@ from src.db.session import (
     create_engine,
     create_sessionmaker,
     describe,
+    is_newer_schema,
     migration_status,
 )
 from src.events.audit import AuditConsumer
 from src.events.outbox import OUTBOX_SIGNAL
-from src.events.relay import OutboxRelay, keep_outbox_tidy
+from src.events.relay import OutboxRelay, keep_outbox_tidy, outbox_backlog_reader
 from src.mail.courier import Courier
-from src.oauth.clients import FirstPartyClients
+from src.oauth.clients import FirstPartyClients, ensure_console_client
 from src.security.sealing import load_sealer
+from src.services import metrics
 from src.services.connections import (
     Connections,
     close_kafka_connection,
@@ -50,14 +52,15 @@ from src.services.connections import (
 )
 from src.services.kafka.manager import KafkaManager
 from src.services.supervisor import start_supervisor
+from src.services.tracing import TracingUnavailableError, start_tracing
 from src.users.cache import UserCache, flush_cache
 
 logger = logging.getLogger(__name__)
 
 
 class StartupError(RuntimeError):
-    """The service cannot start: the database is unreachable or not migrated, or the signing
-    keys in it cannot be used."""
+    """The service cannot start: the database is unreachable or not migrated, the signing keys
+    in it cannot be used, or tracing is on without its extra installed."""
 
 
 # Reading the key ring takes a few statements (each bounded by DATABASE_COMMAND_TIMEOUT) and, the
@@ -104,7 +107,14 @@ async def _check_database(engine: AsyncEngine, settings: Settings) -> None:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         where = engine.url.render_as_string(hide_password=True)
         raise StartupError(f"database unreachable at {where}: {reason}") from None
-    if current != head:
+    if current != head and is_newer_schema(current):
+        logger.warning(
+            "Database schema is newer than this code (at %s, this code's head is %s): a newer "
+            "release migrated it; serving on it",
+            sorted(current),
+            sorted(head),
+        )
+    elif current != head:
         raise StartupError(
             f"database not migrated (at {sorted(current) or 'nothing'}, head is {sorted(head)}); "
             "run `alembic upgrade head`"
@@ -173,11 +183,18 @@ async def refresh_signing_keys(services: AppServices) -> None:
 async def start(app: FastAPI) -> None:
     """Build ``app.state.services`` and start everything; on failure ``stop`` undoes the rest."""
     settings: Settings = app.state.settings
+    # Before anything is opened: TRACING_ENABLED without its extra is a configuration error.
+    try:
+        tracing = app.state.tracing = start_tracing(settings, app)
+    except TracingUnavailableError as exc:
+        raise StartupError(str(exc)) from None
     connections = connections_of(app)
     # Redis entries may be stale after an outage (invalidations were lost): empty the cache first.
     connections.redis_recovery_hooks[:] = [flush_cache]
     security = build_security(app, settings, connections)
     engine = create_engine(settings)
+    if tracing is not None:
+        tracing.instrument_engine(engine)
     signal = asyncio.Event()
     services = app.state.services = AppServices(
         settings=settings,
@@ -196,8 +213,23 @@ async def start(app: FastAPI) -> None:
     await asyncio.gather(initialize_redis_connection(app), initialize_kafka_connection(app))
     async with services.sessionmaker() as db:
         await ensure_first_admin(db, security)
+        await ensure_console_client(db, settings)
     _start_background_work(app, services)
+    await _start_metrics_server(app, services)
     logger.info("Start-up complete")
+
+
+async def _start_metrics_server(app: FastAPI, services: AppServices) -> None:
+    """/metrics on a port of its own when METRICS_PORT is set (otherwise the main port serves
+    it, or nothing does); closed at shut-down."""
+    settings = services.settings
+    metrics.check_setup(settings)
+    if settings.METRICS == "off" or settings.METRICS_PORT == 0:
+        return
+    backlog = outbox_backlog_reader(services.sessionmaker)
+    server = await metrics.start_metrics_server(settings, backlog)
+    if server is not None:
+        app.state.metrics_server = server
 
 
 def _start_background_work(app: FastAPI, services: AppServices) -> None:
@@ -211,7 +243,9 @@ def _start_background_work(app: FastAPI, services: AppServices) -> None:
         return get_kafka_from_app(app)
 
     if settings.KAFKA_ENABLED and settings.OUTBOX_RELAY_IN_PROCESS:
-        services.relay = OutboxRelay(settings, services.sessionmaker, kafka, services.outbox_signal)
+        services.relay = OutboxRelay(
+            settings, services.sessionmaker, kafka, services.outbox_signal, app.state.tracing
+        )
         tasks.append(asyncio.create_task(services.relay.run(), name="outbox-relay"))
     else:
         # No relay here to prune published rows and expired sealed links: tidy on a timer
@@ -244,6 +278,10 @@ async def stop(app: FastAPI) -> None:
     apart. The lifespan's shut-down is the earliest hook the app has; uvicorn runs it after it
     has stopped accepting connections and let the open ones finish."""
     begin_draining(app)
+    server: asyncio.Server | None = getattr(app.state, "metrics_server", None)
+    if server is not None:
+        server.close()
+        app.state.metrics_server = None
     services: AppServices | None = getattr(app.state, "services", None)
     if services is not None:
         await _cancel(services.tasks)
@@ -253,6 +291,12 @@ async def stop(app: FastAPI) -> None:
         await services.engine.dispose()
         services.security.close()
         del app.state.services
+    # Last: the spans of shutting down are flushed too.
+    tracing = getattr(app.state, "tracing", None)
+    if tracing is not None:
+        app.state.tracing = None
+        await tracing.shutdown()
+    metrics.process_exiting()
     logger.info("Shut-down complete")
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from src.auth.context import Security
 from src.db.types import utcnow
 from src.security.sealing import UnsealError
+from src.services import metrics
 
 TICKET_SECONDS = 300
 MAX_TICKET_LENGTH = 1024
@@ -39,6 +40,9 @@ def issue_ticket(
     scope: str | None = None,
     now: datetime | None = None,
 ) -> str:
+    # Issued exactly when a right password must be followed by a second factor, wherever the
+    # sign-in happens (the password grant or the hosted page): that attempt's outcome.
+    metrics.login("mfa_required")
     expires = int((now or utcnow()).timestamp()) + TICKET_SECONDS
     body = {"u": str(user_id), "a": audience, "s": scope, "e": expires}
     return sec.sealer.seal(json.dumps(body).encode(), _PURPOSE)

@@ -25,6 +25,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from src.config.settings import Settings
 from src.errors import InvalidInput
+from src.services.metrics import PASSWORD_HASH_QUEUE
 
 MIN_LENGTH = 8
 MAX_LENGTH = 128
@@ -108,6 +109,14 @@ def hash_workers(cores: int, processes: int) -> int:
     return max(1, cores // processes)
 
 
+def _unqueue(claim: list[bool]) -> None:
+    try:
+        claim.pop()
+    except IndexError:
+        return
+    PASSWORD_HASH_QUEUE.dec()
+
+
 class PasswordHasher:
     """argon2id with the configured parameters, run off the event loop.
 
@@ -133,7 +142,20 @@ class PasswordHasher:
 
     async def _run(self, func: Callable[..., _T], *args: object) -> _T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, func, *args)
+        # Queued until a thread takes it (the queue depth metric). Whoever pops the claim first
+        # takes it off the gauge: the thread when it starts, or this coroutine when the job
+        # never ran (cancelled, or the pool shut down); list.pop is atomic.
+        claim = [True]
+
+        def job() -> _T:
+            _unqueue(claim)
+            return func(*args)
+
+        PASSWORD_HASH_QUEUE.inc()
+        try:
+            return await loop.run_in_executor(self._executor, job)
+        finally:
+            _unqueue(claim)
 
     async def hash(self, password: str) -> str:
         return await self._run(self._hasher.hash, normalize_password(password))

@@ -51,6 +51,7 @@ from src.auth.rate_limit_local import (
     LoginPolicy,
 )
 from src.config.settings import Settings
+from src.services import metrics
 
 __all__ = [
     "InProcessLimiter",
@@ -202,6 +203,9 @@ class _RedisOrLocal:
     An injected ``clock`` drives both (tests); by default Redis uses its own.
     """
 
+    # The ``limiter`` label of the fallback metrics.
+    metric_label = "login"
+
     def __init__(
         self,
         settings: Settings,
@@ -250,14 +254,17 @@ class _RedisOrLocal:
             else:
                 if self._degraded:
                     self._degraded = False
+                    metrics.LIMITER_FALLBACK.labels(self.metric_label).set(0)
                     logger.info("%s is using Redis again", self._what)
                 return result
         self.fallback_count += 1
+        metrics.LIMITER_FALLBACK_DECISIONS.labels(self.metric_label).inc()
         return local()
 
     def _fall_back(self, reason: str) -> None:
         if not self._degraded:
             self._degraded = True
+            metrics.LIMITER_FALLBACK.labels(self.metric_label).set(1)
             logger.warning(
                 "%s falls back to the in-process limiter (%s); limits now apply per process",
                 self._what,
@@ -350,6 +357,8 @@ class LoginGuard(_RedisOrLocal):
 
 class RequestThrottle(_RedisOrLocal):
     """Sliding windows per client address and per target email for one kind of request."""
+
+    metric_label = "throttle"
 
     def __init__(
         self,

@@ -24,9 +24,17 @@ from src.auth.rate_limit import LoginDecision, client_key
 from src.db.models import RefreshToken, User, UserSession
 from src.db.session import close_session
 from src.db.types import utcnow
-from src.errors import DomainError, NotAuthenticated, NotFound, OAuthError, TooManyRequests
+from src.errors import (
+    Conflict,
+    DomainError,
+    NotAuthenticated,
+    NotFound,
+    OAuthError,
+    TooManyRequests,
+)
 from src.events.outbox import EventType, record_event, record_notification
 from src.security.tokens import hash_token, new_token
+from src.services import metrics
 from src.users import repository
 from src.users.cache import SessionState
 from src.users.emails import canonical_email
@@ -156,7 +164,9 @@ def record_sign_in(
     db: AsyncSession, sec: Security, session: UserSession, client: ClientInfo, via: str
 ) -> None:
     """``user.logged_in`` for a new session: ``via`` is password_grant, sign_in_page or
-    authorization_code."""
+    authorization_code. The first two complete a sign-in (after its second factor, if any)."""
+    if via != "authorization_code":
+        metrics.login("success")
     record_event(
         db,
         sec.settings,
@@ -191,12 +201,17 @@ async def check_password(
     and TooManyRequests when the login guard refuses. Nothing is committed here."""
     account = canonical_email(username)
     user = await repository.get_user_by_email(db, account) if account else None
-    decision = await _admit(db, sec, _guard_key(username), user, client, device_user)
+    try:
+        decision = await _admit(db, sec, _guard_key(username), user, client, device_user)
+    except TooManyRequests:
+        metrics.login("rate_limited")
+        raise
     await release_connection(db)
 
     if user is None:
         # Spend the same hashing time as a real check so timing does not reveal accounts.
         await sec.hasher.verify_dummy(password)
+        metrics.login("unknown_user")
         audit.info("login failed: user=unknown ip=%s reason=invalid_credentials", client.ip)
         raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
 
@@ -215,6 +230,9 @@ async def check_password(
                 record_event_apart, sessions, sec, EventType.LOGIN_FAILED, user.id, failure
             )
         )
+        metrics.login("bad_password")
+        if locked_for:
+            metrics.LOGIN_LOCKOUTS.inc()
         audit.info(
             "login failed: user=%s ip=%s reason=invalid_credentials%s",
             user.id,
@@ -224,6 +242,7 @@ async def check_password(
         raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
 
     if not user.is_active:
+        metrics.login("inactive")
         audit.info("login failed: user=%s ip=%s reason=inactive", user.id, client.ip)
         raise OAuthError("invalid_grant", "This account is disabled.")
 
@@ -427,6 +446,7 @@ async def refresh(
     new_refresh = _new_refresh_token(db, session, now)
     await db.commit()
     audit.info("refresh succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    metrics.token_issued("refresh_token")
     return token_response(sec, user, session, new_refresh)
 
 
@@ -531,6 +551,58 @@ async def revoke_session(
     # A browser session takes the applications' sessions opened through it along.
     await end_browser_session(db, sec, session_id, reason="revoked")
     audit.info("session revoked: user=%s session=%s", principal.id, session_id)
+
+
+async def list_user_sessions(db: AsyncSession, user_id: uuid.UUID) -> list[SessionPublic]:
+    """Another user's live sessions, for an administrator (404 for an unknown user)."""
+    if await repository.get_user(db, user_id) is None:
+        raise NotFound("No such user.")
+    sessions = await repository.list_active_sessions(db, user_id, utcnow())
+    return [SessionPublic.model_validate(s) for s in sessions]
+
+
+async def revoke_user_session(
+    db: AsyncSession,
+    sec: Security,
+    user_id: uuid.UUID,
+    session_id: uuid.UUID,
+    *,
+    actor_id: uuid.UUID,
+) -> None:
+    """An administrator ends one of a user's sessions (and what an application obtained through
+    it). Unlike the user's own sign-out this is an event (``user.session_revoked``) naming the
+    administrator, so the user's trail shows who did it."""
+    session = await repository.get_session(db, session_id)
+    if session is None or session.user_id != user_id or session.revoked_at is not None:
+        raise NotFound("No such session.")
+    data = {"id": user_id, "session_id": session_id, "kind": session.kind, "actor_id": actor_id}
+    record_event(db, sec.settings, EventType.SESSION_REVOKED, user_id, data)
+    await end_browser_session(db, sec, session_id, reason="revoked_by_admin")
+    audit.info("session revoked: user=%s session=%s actor=%s", user_id, session_id, actor_id)
+
+
+async def send_password_reset(
+    db: AsyncSession, sec: Security, user_id: uuid.UUID, *, actor_id: uuid.UUID
+) -> None:
+    """An administrator has a reset link mailed to the account's address (earlier links stop
+    working); the notification names the administrator. Not throttled like the public request:
+    only an administrator can ask, and it is an answer to someone asking for help."""
+    user = await repository.get_user(db, user_id)
+    if user is None:
+        raise NotFound("No such user.")
+    if not user.is_active:
+        raise Conflict("The account is deactivated: activate it before sending a reset link.")
+    await send_one_time_link(
+        db,
+        sec,
+        user,
+        EventType.PASSWORD_RESET_REQUESTED,
+        PASSWORD_RESET,
+        "account/reset-password",
+        extra={"actor_id": actor_id},
+    )
+    await db.commit()
+    audit.info("password reset sent: user=%s actor=%s", user_id, actor_id)
 
 
 # --- password reset and email verification --------------------------------------------------------

@@ -19,6 +19,7 @@ from src.auth.challenge import amr_for, issue_ticket, open_ticket
 from src.auth.context import Security
 from src.auth.service import ClientInfo, changed_users, check_password, complete_sign_in
 from src.errors import OAuthError
+from src.services import metrics
 from src.users import repository
 from src.users.schemas import TokenResponse
 from src.users.service import commit_change
@@ -52,6 +53,7 @@ async def password_grant(
         # The sign-in stops here for now: keep what the password check did (a rehash).
         await commit_change(db, sec, changed_users(db, user))
     if enrol_first:
+        metrics.login("mfa_enrollment_required")
         audit.info("login needs an enrolment first: user=%s ip=%s", user.id, who.ip)
         raise OAuthError(
             "mfa_enrollment_required",
@@ -65,7 +67,9 @@ async def password_grant(
             f"A second factor is required: use grant_type={MFA_GRANT} with this mfa_token.",
             extra={"mfa_token": ticket},
         )
-    return await complete_sign_in(db, sec, user, who, client_id, amr=["pwd"], scope=scope)
+    tokens = await complete_sign_in(db, sec, user, who, client_id, amr=["pwd"], scope=scope)
+    metrics.token_issued("password")
+    return tokens
 
 
 async def second_factor_grant(
@@ -91,8 +95,11 @@ async def second_factor_grant(
             db, sec, user, code, who, sessions=sessions, defer=defer
         )
     except mfa.SecondFactorRefused:
+        metrics.login("mfa_failed")
         audit.info("second factor refused: user=%s ip=%s", user.id, who.ip)
         raise OAuthError("invalid_grant", "The code is not valid.") from None
-    return await complete_sign_in(
+    tokens = await complete_sign_in(
         db, sec, user, who, client_id, amr=amr_for(method), scope=ticket.scope
     )
+    metrics.token_issued("mfa")
+    return tokens

@@ -23,6 +23,7 @@ from src.db.models import User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, StepUpRequired
 from src.events.outbox import EventType
+from src.services import metrics
 from src.users import repository
 from src.users.schemas import TokenResponse
 from src.users.service import commit_change
@@ -95,6 +96,7 @@ async def reauthenticate(
     await refresh_authentication(
         db, sec, user, session, password, code, client, sessions=sessions, defer=defer
     )
+    metrics.token_issued("step_up")
     return token_response(sec, user, session, None)
 
 

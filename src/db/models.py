@@ -153,6 +153,9 @@ class OutboxEvent(Base):
     # reader cannot use them; set to NULL once published, delivered or expired.
     sealed: Mapped[str | None] = mapped_column(Text)
     sealed_until: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    # The W3C trace context ({"traceparent", "tracestate"}) of the request that recorded the
+    # event, when tracing is on: the CloudEvent carries it, so the trace goes on past Kafka.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(JSONDoc)
 
 
 Index(

@@ -34,6 +34,7 @@ import enum
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -154,10 +155,22 @@ def create_engine(settings: Settings) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     server_settings = {"application_name": "user-management-service"}
-    if settings.DATABASE_STATEMENT_TIMEOUT > 0:
+    if settings.DATABASE_STATEMENT_TIMEOUT > 0 and not settings.DATABASE_PGBOUNCER:
         # Milliseconds, PostgreSQL's unit for it; at least 1 (0 would mean "off").
         milliseconds = max(1, round(settings.DATABASE_STATEMENT_TIMEOUT * 1000))
         server_settings["statement_timeout"] = str(milliseconds)
+    connect_args: dict[str, Any] = {
+        "timeout": settings.DATABASE_CONNECT_TIMEOUT,
+        "command_timeout": settings.DATABASE_COMMAND_TIMEOUT,
+        "server_settings": server_settings,
+    }
+    if settings.DATABASE_PGBOUNCER:
+        # A transaction-mode pooler moves us between server connections at every transaction:
+        # nothing prepared may be reused (both caches off), and every name must be unique, or
+        # two clients sharing a server connection collide on asyncpg's counter-based names.
+        url = url.update_query_dict({"prepared_statement_cache_size": "0"})
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_name_func"] = _unique_statement_name
     engine = create_async_engine(
         url,
         # Parameters can be password hashes and one-time tokens: never put them in logs or errors.
@@ -167,14 +180,14 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_timeout=settings.DATABASE_POOL_TIMEOUT,
         # Off: ping_before_use (in _install_bounds) checks with a bound of its own.
         pool_pre_ping=False,
-        connect_args={
-            "timeout": settings.DATABASE_CONNECT_TIMEOUT,
-            "command_timeout": settings.DATABASE_COMMAND_TIMEOUT,
-            "server_settings": server_settings,
-        },
+        connect_args=connect_args,
     )
     _install_bounds(engine, settings.DATABASE_PING_TIMEOUT)
     return engine
+
+
+def _unique_statement_name() -> str:
+    return f"__ums_{uuid.uuid4().hex}__"
 
 
 def _install_bounds(engine: AsyncEngine, ping_timeout: float) -> None:
@@ -321,6 +334,20 @@ def _head_revisions() -> frozenset[str]:
 
 def _current_revisions(connection: Connection) -> set[str]:
     return set(MigrationContext.configure(connection).get_current_heads())
+
+
+@functools.cache
+def _known_revisions() -> frozenset[str]:
+    script = ScriptDirectory.from_config(alembic_config())
+    return frozenset(revision.revision for revision in script.walk_revisions())
+
+
+def is_newer_schema(current: set[str]) -> bool:
+    """True when the database is at revisions this code has never heard of: a newer release
+    migrated it. During a rolling deploy the previous release keeps serving (and restarting) on
+    that schema, which is why migrations must stay compatible with the release before them
+    (docs/deploy.md, "Migrations")."""
+    return bool(current) and not (current & _known_revisions())
 
 
 async def migration_status(engine: AsyncEngine) -> tuple[set[str], set[str]]:

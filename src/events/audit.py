@@ -22,6 +22,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -32,6 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from src.config.settings import Settings
 from src.db.models import AuditEvent
 from src.events.envelope import CloudEvent
+from src.events.erasure import personal_values, scrub, searched
+from src.events.outbox import EventType
+from src.services import metrics
 from src.services.kafka.manager import KafkaManager
 from src.services.kafka.serializers import KafkaSerializationError, KafkaSerializer
 
@@ -109,6 +113,18 @@ async def close_consumer(consumer: Any, joined: bool, timeout: float) -> None:
         raise asyncio.CancelledError
 
 
+def _lag(consumer: Any, following: dict[Any, int]) -> int:
+    """Records behind the high watermark, over the partitions assigned to ``consumer`` that it has
+    fetched from (``following``: the next offset to store, per partition)."""
+    total = 0
+    for partition in consumer.assignment():
+        high = consumer.highwater(partition)
+        start = following.get(partition)
+        if high is not None and start is not None:
+            total += max(high - start, 0)
+    return total
+
+
 class AuditConsumer:
     def __init__(
         self,
@@ -156,11 +172,21 @@ class AuditConsumer:
                 await close_consumer(consumer, joined, self.settings.KAFKA_CONNECT_TIMEOUT * 2)
 
     async def _consume(self, consumer: Any) -> None:
+        # The next offset to store, per partition: with the high watermarks of the fetches, how
+        # far the audit trail is behind the topic. Set before storing too, so a database that
+        # refuses the rows shows as a growing lag rather than a stale one.
+        following: dict[Any, int] = {}
         while True:
             batches = await consumer.getmany(timeout_ms=1000, max_records=500)
             for partition, messages in batches.items():
+                following[partition] = messages[0].offset
+            metrics.AUDIT_LAG.set(_lag(consumer, following))
+            for partition, messages in batches.items():
                 await self.store(messages)
                 await consumer.commit({partition: messages[-1].offset + 1})
+                following[partition] = messages[-1].offset + 1
+            if batches:
+                metrics.AUDIT_LAG.set(_lag(consumer, following))
 
     async def store(self, messages: Sequence[Any]) -> int:
         """Store a batch of Kafka records; return how many were new."""
@@ -194,15 +220,31 @@ class AuditConsumer:
             )
         if not rows:
             return 0
+        erased = {row["user_id"] for row in rows if row["type"] == EventType.ERASED}
+        erased.discard(None)
         async with self.sessionmaker() as db:
             insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
             result = await db.execute(
                 insert(AuditEvent).values(rows).on_conflict_do_nothing(index_elements=["event_id"])
             )
+            for user_id in erased:
+                await _scrub_trail(db, user_id)
             await db.commit()
         stored = max(getattr(result, "rowcount", 0) or 0, 0)
         self.stored_total += stored
+        metrics.AUDIT_STORED.inc(stored)
         return stored
+
+
+async def _scrub_trail(db: AsyncSession, user_id: uuid.UUID) -> None:
+    """The erasure scrubbed the trail it found, but this consumer may have stored more of the
+    user's events since (it lags behind the topic, and those messages were published before the
+    erasure). They all precede ``user.erased`` in the user's partition, so scrubbing again when
+    it arrives leaves nothing behind."""
+    rows = list(await db.scalars(select(AuditEvent).where(AuditEvent.user_id == user_id)))
+    personal = searched(text for row in rows for text in personal_values(row.data))
+    for row in rows:
+        row.data = scrub(row.data, personal)  # a new object, so the JSON column is seen as changed
 
 
 async def list_user_events(
@@ -217,6 +259,34 @@ async def list_user_events(
     )
     if after is not None:
         query = query.where(AuditEvent.position > after)
+    rows = list((await db.execute(query)).scalars().all())
+    page = rows[:limit]
+    return page, (page[-1].position if len(rows) > limit else None)
+
+
+async def search_events(
+    db: AsyncSession,
+    *,
+    limit: int,
+    before: int | None = None,
+    event_type: str | None = None,
+    user_id: uuid.UUID | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> tuple[list[AuditEvent], int | None]:
+    """Events across users, newest first (arrival order), filtered by type, user and event time
+    ([since, until)); the cursor is the last position seen, and the next page starts before it."""
+    query = select(AuditEvent).order_by(AuditEvent.position.desc()).limit(limit + 1)
+    if before is not None:
+        query = query.where(AuditEvent.position < before)
+    if event_type is not None:
+        query = query.where(AuditEvent.type == event_type)
+    if user_id is not None:
+        query = query.where(AuditEvent.user_id == user_id)
+    if since is not None:
+        query = query.where(AuditEvent.time >= since)
+    if until is not None:
+        query = query.where(AuditEvent.time < until)
     rows = list((await db.execute(query)).scalars().all())
     page = rows[:limit]
     return page, (page[-1].position if len(rows) > limit else None)

@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from src.db.models import OutboxEvent
+from src.services.tracing import TRACE_CONTEXT_KEYS
 
 SPEC_VERSION = "1.0"
 
@@ -29,6 +30,11 @@ class CloudEvent(BaseModel):
 
 
 def envelope_for(row: OutboxEvent, source: str) -> CloudEvent:
+    # The CloudEvents distributed tracing extension (traceparent, tracestate): there when the
+    # event was recorded in a traced request, absent (not null) otherwise.
+    tracing = {
+        key: value for key, value in (row.trace_context or {}).items() if key in TRACE_CONTEXT_KEYS
+    }
     return CloudEvent(
         id=row.id,
         source=source,
@@ -36,4 +42,5 @@ def envelope_for(row: OutboxEvent, source: str) -> CloudEvent:
         subject=str(row.aggregate_id),
         time=row.created_at,
         data=row.payload,
+        **tracing,
     )

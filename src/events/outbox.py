@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from src.config.settings import Settings
 from src.db.models import OutboxEvent
 from src.security.sealing import Sealer, UnsealError
+from src.services.tracing import current_trace_context
 
 
 class EventType(StrEnum):
@@ -32,6 +33,9 @@ class EventType(StrEnum):
     DEACTIVATED = "user.deactivated"
     ACTIVATED = "user.activated"
     DELETED = "user.deleted"
+    # GDPR erasure (`user-service users erase`): after user.deleted; consumers erase what they
+    # hold about the subject. Its data names no person: the id and the time only.
+    ERASED = "user.erased"
     LOGGED_IN = "user.logged_in"
     LOGIN_FAILED = "user.login_failed"
     # Second factors (src.auth.mfa): authenticators and recovery codes; never a secret or a code.
@@ -42,6 +46,8 @@ class EventType(StrEnum):
     RECOVERY_CODE_USED = "user.recovery_code_used"
     MFA_RESET = "user.mfa_reset"
     STEP_UP_FAILED = "user.step_up_failed"
+    # An administrator ended one of the user's sessions (the admin API or console).
+    SESSION_REVOKED = "user.session_revoked"
     # Notifications: what the courier mails (see NOTIFICATION_EVENTS).
     VERIFICATION_REQUESTED = "user.verification_requested"
     PASSWORD_RESET_REQUESTED = "user.password_reset_requested"
@@ -115,6 +121,8 @@ def record_event(
         aggregate_id=user_id,
         # JSON-safe now (UUIDs, datetimes as text), so the row is exactly what will be published.
         payload=to_jsonable_python(data),
+        # The request's trace goes on with the event (its CloudEvent's traceparent).
+        trace_context=current_trace_context() if settings.TRACING_ENABLED else None,
     )
     db.add(outbox_row)
     db.info[_DIRTY] = True

@@ -45,7 +45,8 @@ from src.config.settings import Settings
 from src.db.models import OutboxEvent
 from src.db.types import utcnow
 from src.events.envelope import envelope_for
-from src.events.outbox import purge_expired_secrets
+from src.events.outbox import outbox_backlog, purge_expired_secrets
+from src.services import metrics
 from src.services.kafka.manager import (
     KafkaManager,
     KafkaSendTimeout,
@@ -53,6 +54,7 @@ from src.services.kafka.manager import (
     OutgoingMessage,
 )
 from src.services.kafka.serializers import KafkaSerializer
+from src.services.tracing import Tracing, publish_spans, start_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +75,14 @@ class OutboxRelay:
         sessionmaker: async_sessionmaker[AsyncSession],
         kafka: Callable[[], KafkaManager | None],
         signal: asyncio.Event | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
         self.kafka = kafka
         self.signal = signal or asyncio.Event()
+        # Spans for each batch, in the trace of each event's request (None: tracing is off).
+        self.tracing = tracing
         self.serializer = KafkaSerializer()
         self.published_total = 0
         self.last_error: str | None = None
@@ -156,11 +161,13 @@ class OutboxRelay:
             messages = [self._message(row) for row in rows]
             positions = [row.position for row in rows]
             try:
-                await manager.send_batch(messages, self.send_timeout)
+                with publish_spans(self.tracing, rows):
+                    await manager.send_batch(messages, self.send_timeout)
             except Exception as exc:
                 # Locks first: the restart below takes seconds with a lost broker.
                 await db.rollback()
                 self._released(claimed_at)
+                metrics.RELAY_FAILED.inc(len(rows))
                 await self._record_attempt(positions, exc)
                 if isinstance(exc, KafkaSendTimeout):
                     # A producer stuck on a lost broker never recovers by itself; start afresh.
@@ -183,10 +190,21 @@ class OutboxRelay:
             )
             await db.commit()
             self._released(claimed_at)
+            self._published(rows)
         self.published_total += len(rows)
         self.last_published_at = time.time()
         self._recovered()
         return len(rows)
+
+    @staticmethod
+    def _published(rows: Sequence[OutboxEvent]) -> None:
+        now = utcnow()
+        metrics.RELAY_PUBLISHED.inc(len(rows))
+        retried = sum(1 for row in rows if row.attempts)
+        if retried:
+            metrics.RELAY_RETRIED.inc(retried)
+        for row in rows:
+            metrics.RELAY_LATENCY.observe(max((now - row.created_at).total_seconds(), 0.0))
 
     async def _claim(self, db: AsyncSession) -> list[OutboxEvent]:
         query = (
@@ -312,6 +330,18 @@ async def prune_outbox(sessionmaker: async_sessionmaker[AsyncSession], settings:
     return deleted
 
 
+def outbox_backlog_reader(sessionmaker: async_sessionmaker[AsyncSession]) -> metrics.BacklogReader:
+    """Reads the outbox backlog, for a metrics scrape (the service's, or the relay's own)."""
+
+    async def read() -> metrics.OutboxBacklog:
+        async with sessionmaker() as db:
+            pending, oldest = await outbox_backlog(db)
+        age = (utcnow() - oldest).total_seconds() if oldest is not None else 0.0
+        return metrics.OutboxBacklog(pending=pending, oldest_age_seconds=max(age, 0.0))
+
+    return read
+
+
 async def keep_outbox_tidy(
     sessionmaker: async_sessionmaker[AsyncSession], settings: Settings
 ) -> None:
@@ -322,6 +352,15 @@ async def keep_outbox_tidy(
         except Exception as exc:  # noqa: BLE001 - tidying is retried at the next interval
             logger.warning("outbox pruning failed (%s)", type(exc).__name__)
         await asyncio.sleep(_PRUNE_EVERY_SECONDS)
+
+
+async def _serve_metrics(
+    settings: Settings, sessionmaker: async_sessionmaker[AsyncSession]
+) -> asyncio.Server | None:
+    """The relay run apart has no HTTP port: its metrics need METRICS_PORT."""
+    if settings.METRICS == "off" or settings.METRICS_PORT == 0:
+        return None
+    return await metrics.start_metrics_server(settings, outbox_backlog_reader(sessionmaker))
 
 
 async def _main() -> None:
@@ -337,10 +376,16 @@ async def _main() -> None:
         settings.LOG_FORMAT,
         production=settings.is_production,
     )
+    tracing = start_tracing(settings)  # without its extra: exits with one line saying so
     engine = create_engine(settings)
+    if tracing is not None:
+        tracing.instrument_engine(engine)
     manager = KafkaManager(settings)
     relay = OutboxRelay(
-        settings, create_sessionmaker(engine), lambda: manager if manager.started else None
+        settings,
+        create_sessionmaker(engine),
+        lambda: manager if manager.started else None,
+        tracing=tracing,
     )
 
     async def connect(was_up: bool) -> bool:
@@ -370,6 +415,8 @@ async def _main() -> None:
     # One attempt before the relay starts, so a broker that is there is used from the start.
     keeper = asyncio.create_task(keep_producer_up(await connect(was_up=True)))
     runner = asyncio.create_task(relay.run())
+    # Its own metrics (the relay's counters, the backlog) on METRICS_PORT, when set.
+    exporter = await _serve_metrics(settings, create_sessionmaker(engine))
     # SIGTERM (how process managers stop a service) ends the relay cleanly, like Ctrl-C does.
     # Stopping mid-batch loses nothing: rows are marked published only after the broker's acks.
     with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
@@ -382,10 +429,14 @@ async def _main() -> None:
             raise  # we were cancelled ourselves (Ctrl-C), not just the relay by SIGTERM
         logger.info("outbox relay stopped")
     finally:
+        if exporter is not None:
+            exporter.close()
         keeper.cancel()
         await asyncio.gather(keeper, return_exceptions=True)
         await manager.stop()
         await engine.dispose()
+        if tracing is not None:
+            await tracing.shutdown()
 
 
 if __name__ == "__main__":

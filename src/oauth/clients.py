@@ -560,3 +560,55 @@ async def _flush_or_conflict(db: AsyncSession) -> None:
     except StaleDataError:
         await db.rollback()
         raise Conflict("The client was changed concurrently; fetch it again.") from None
+
+
+# --- the admin console ----------------------------------------------------------------------------
+
+# The admin console (src/web/admin) signs admins in through the authorization code flow like any
+# application: a public, first-party client (no consent page, PKCE), ensured at every start-up.
+CONSOLE_CLIENT_ID = "admin-console"
+CONSOLE_CALLBACK_PATH = "/admin/callback"
+
+
+def console_redirect_uri(settings: Settings) -> str:
+    return settings.PUBLIC_BASE_URL.rstrip("/") + CONSOLE_CALLBACK_PATH
+
+
+async def ensure_console_client(db: AsyncSession, settings: Settings) -> None:
+    """Register the console's client, or bring it back to what the console needs (idempotent):
+    its redirect URI follows PUBLIC_BASE_URL, and an operator's edits to it are undone. No event:
+    it is the service's own wiring, not an administrator's change."""
+    wanted = {
+        "name": "Admin console",
+        "client_type": "public",
+        "secret_hash": None,
+        "redirect_uris": [console_redirect_uri(settings)],
+        "post_logout_redirect_uris": [],
+        "grant_types": ["authorization_code", "refresh_token"],
+        "scopes": ["openid", "profile", "email"],
+        "first_party": True,
+    }
+    client = await get_client(db, CONSOLE_CLIENT_ID)
+    if client is None:
+        now = utcnow()
+        db.add(
+            OAuthClient(
+                id=uuid.uuid4(),
+                client_id=CONSOLE_CLIENT_ID,
+                created_at=now,
+                updated_at=now,
+                **wanted,
+            )
+        )
+    elif any(getattr(client, field) != value for field, value in wanted.items()):
+        for field, value in wanted.items():
+            setattr(client, field, value)
+        client.updated_at = utcnow()
+    else:
+        return
+    try:
+        await db.commit()
+    except (IntegrityError, StaleDataError):
+        await db.rollback()  # another instance starting at the same moment did it first
+        return
+    logger.info("admin console client ensured: client=%s", CONSOLE_CLIENT_ID)

@@ -25,6 +25,7 @@ from src.errors import OAuthError
 from src.oauth.authorize import verifier_matches
 from src.oauth.clients import SCOPES, get_client, redirect_uri_allowed
 from src.security.tokens import hash_token
+from src.services import metrics
 from src.users import repository
 from src.users.schemas import TokenResponse
 from src.users.service import commit_change
@@ -130,6 +131,7 @@ async def exchange_code(
     response = token_response(sec, user, session, refresh if offline else None)
     if "openid" in row.scope.split():
         response.id_token = id_token(sec, user, session, client.client_id, row.nonce)
+    metrics.token_issued("authorization_code")
     return response
 
 
@@ -199,6 +201,7 @@ def client_credentials(sec: Security, client: OAuthClient, scope: str | None) ->
         raise OAuthError("invalid_scope", "openid and offline_access need a user.")
     token, expires_in = sec.tokens.issue_client_token(client.client_id, " ".join(scopes))
     audit.info("client credentials issued: client=%s", client.client_id)
+    metrics.token_issued("client_credentials")
     return TokenResponse(access_token=token, expires_in=expires_in, scope=" ".join(scopes) or None)
 
 

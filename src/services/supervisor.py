@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from src.config.settings import Settings
+from src.services import metrics
 from src.services.connections import Connections
 from src.services.redis_client import ping
 
@@ -68,7 +70,9 @@ async def _watch(
 ) -> None:
     delay = settings.RECONNECT_BACKOFF_INITIAL
     forgiven = 0
+    dependency = name.lower()
     while True:
+        started = time.perf_counter()
         try:
             await probe()
         except Exception as exc:  # noqa: BLE001 - any failure means "down"; keep watching
@@ -83,6 +87,7 @@ async def _watch(
                 await asyncio.sleep(settings.SUPERVISOR_INTERVAL)
                 continue
             forgiven = 0
+            metrics.dependency_checked(dependency, False, time.perf_counter() - started)
             if up:
                 setattr(connections, flag, False)
                 # A timeout's text is empty: name the exception rather than log "()".
@@ -92,6 +97,7 @@ async def _watch(
             delay = min(delay * 2, settings.RECONNECT_BACKOFF_MAX)
             continue
         forgiven = 0
+        metrics.dependency_checked(dependency, True, time.perf_counter() - started)
         if not getattr(connections, flag):
             setattr(connections, flag, True)
             logger.info("%s connection (re)established", name)

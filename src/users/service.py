@@ -242,10 +242,13 @@ async def update_user(
     user_id: uuid.UUID,
     body: UserUpdate | UserUpdateMe,
     *,
-    actor_id: uuid.UUID,
+    actor_id: uuid.UUID | None,
     expected_version: int | None = None,
 ) -> User:
-    """Apply the fields sent in ``body`` (already limited to what the caller may change)."""
+    """Apply the fields sent in ``body`` (already limited to what the caller may change).
+
+    ``actor_id`` None: an operator at the command line (``user-service create-admin``).
+    """
     user = await get_user(db, user_id)
     if expected_version is not None and user.version != expected_version:
         raise PreconditionFailed(
@@ -311,8 +314,9 @@ async def ensure_not_last_admin(db: AsyncSession) -> None:
 
 
 async def delete_user(
-    db: AsyncSession, sec: AccountDeps, user_id: uuid.UUID, actor_id: uuid.UUID
+    db: AsyncSession, sec: AccountDeps, user_id: uuid.UUID, actor_id: uuid.UUID | None
 ) -> None:
+    """``actor_id`` None: an operator at the command line (``user-service users erase``)."""
     user = await get_user(db, user_id)
     if user.role == "admin" and user.is_active:
         await ensure_not_last_admin(db)

@@ -31,6 +31,7 @@ from src.db.models import AuthorizationCode, OAuthClient, OAuthConsent, OutboxEv
 from src.db.types import utcnow
 from src.errors import InvalidInput, OAuthError
 from src.oauth.clients import (
+    CONSOLE_CLIENT_ID,
     GRANT_TYPES,
     SCOPES,
     authenticate_client,
@@ -219,6 +220,8 @@ async def test_register_read_change_rotate_delete(admin_app: AdminApp) -> None:
     read = await client.get(f"{CLIENTS}/billing-web", headers=admin)
     assert read.status_code == 200 and read.json() == created
     listed = (await client.get(CLIENTS, headers=admin)).json()
+    # Besides the admin console's own client, which start-up registers (src/web/admin).
+    listed["items"] = [c for c in listed["items"] if c["client_id"] != CONSOLE_CLIENT_ID]
     assert listed == {"items": [created], "next_cursor": None}
     for answer in (read.text, json.dumps(listed)):
         assert secret not in answer and "secret" not in answer
@@ -318,7 +321,9 @@ async def test_listing_pages_through_every_client_in_a_stable_order(admin_app: A
         if cursor is None:
             break
     assert pages == 3
-    assert [c["id"] for c in seen] == created
+    # The admin console's own client was registered first, at start-up.
+    assert seen[0]["client_id"] == CONSOLE_CLIENT_ID
+    assert [c["id"] for c in seen[1:]] == created
     keys = [(c["created_at"], c["id"]) for c in seen]
     assert keys == sorted(keys)
 
@@ -787,6 +792,7 @@ async def test_the_command_line_creates_lists_and_deletes_clients(
     listed: Run = await cli("clients", "list")
     assert listed.code == 0, listed.stderr
     rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    rows = [r for r in rows if r[0] != CONSOLE_CLIENT_ID]  # registered by the service itself
     assert [(r[0], r[1], r[3]) for r in rows] == [
         ("ops-console", "confidential", "Ops Console"),
         (public_id, "public", "Phone"),

@@ -242,3 +242,56 @@ class RedisSentinel(ManagedProcess):
                 f"sentinel parallel-syncs {self.master_name} 1\n"
             )
         return [redis_server_binary(), str(config), "--sentinel"]
+
+
+def pgbouncer_binary() -> str | None:
+    """Debian's ``pgbouncer`` (``.ci/run`` installs it); None when the machine has none."""
+    return shutil.which("pgbouncer") or (
+        "/usr/sbin/pgbouncer" if Path("/usr/sbin/pgbouncer").exists() else None
+    )
+
+
+@dataclass
+class PgBouncer(ManagedProcess):
+    """PgBouncer on loopback in front of one PostgreSQL, accepting any client name unchecked.
+
+    ``server_user`` is the role PgBouncer logs in as, whatever name the client gave: a role made
+    read-only stands in for a hot standby (it reports ``default_transaction_read_only=on``, which
+    is what ``target_session_attrs=read-write`` looks at). PgBouncer refuses to run as root, so as
+    root it is started with ``-u nobody`` and its directory is opened to that user.
+    """
+
+    name: str = "pgbouncer"
+    server_host: str = "127.0.0.1"
+    server_port: int = 5432
+    server_user: str = "postgres"
+    pool_mode: str = "transaction"
+    pool_size: int = 2
+    # asyncpg sends extra_float_digits at connect; PgBouncer refuses start-up parameters it
+    # neither knows nor is told to ignore (statement_timeout among them).
+    ignore_startup_parameters: str = "extra_float_digits"
+    config_dir: Path = field(
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="ums-pgbouncer-"))
+    )
+
+    def command(self) -> list[str]:
+        binary = pgbouncer_binary()
+        assert binary, "pgbouncer is not installed"
+        self.config_dir.chmod(0o777)
+        config = self.config_dir / "pgbouncer.ini"
+        config.write_text(
+            "[databases]\n"
+            f"* = host={self.server_host} port={self.server_port} user={self.server_user}\n"
+            "[pgbouncer]\n"
+            "listen_addr = 127.0.0.1\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = any\n"
+            f"pool_mode = {self.pool_mode}\n"
+            f"default_pool_size = {self.pool_size}\n"
+            "max_client_conn = 200\n"
+            f"ignore_startup_parameters = {self.ignore_startup_parameters}\n"
+        )
+        config.chmod(0o644)
+        as_root = ["-u", "nobody"] if os.geteuid() == 0 else []
+        return [binary, *as_root, str(config)]

@@ -15,6 +15,7 @@ from fastapi import APIRouter, BackgroundTasks, Request, Response, status
 from pydantic import AfterValidator, BaseModel, Field
 
 from src.api.dependencies import (
+    AdminUser,
     ClientDep,
     CurrentUser,
     RecentAdmin,
@@ -25,8 +26,8 @@ from src.api.dependencies import (
 )
 from src.api.errors import PROBLEM, Responses, problem_response
 from src.auth import mfa
-from src.db.models import MfaFactor
-from src.errors import DomainError
+from src.db.models import MfaFactor, User
+from src.errors import DomainError, NotFound
 from src.users import service as user_service
 from src.users.schemas import Password, WriteModel
 
@@ -245,6 +246,19 @@ async def regenerate_recovery_codes(
 
 # An administrator's reset, under /users/{id} like the other admin operations on a user.
 admin_router = APIRouter(prefix="/users", tags=["users"])
+
+
+@admin_router.get(
+    "/{user_id}/mfa", response_model=SecondFactors, responses=_errors(401, 403, 404, 422)
+)
+async def list_user_factors(user_id: uuid.UUID, _admin: AdminUser, db: SessionDep) -> SecondFactors:
+    """A user's second factors and how many recovery codes are left (admins only): what an
+    administrator checks before a reset. Names and dates only, never a secret."""
+    if await db.get(User, user_id) is None:
+        raise NotFound("No such user.")
+    factors = await mfa.list_factors(db, user_id)
+    left = await mfa.recovery_codes_left(db, user_id)
+    return SecondFactors(factors=[_public(f) for f in factors], recovery_codes_left=left)
 
 
 @admin_router.delete(

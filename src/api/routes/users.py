@@ -305,3 +305,43 @@ async def list_user_events(
         items=[UserEvent.model_validate(e) for e in events],
         next_cursor=str(last) if last is not None else None,
     )
+
+
+@router.get(
+    "/{user_id}/sessions",
+    response_model=list[SessionPublic],
+    responses=_errors(401, 403, 404, 422),
+)
+async def list_user_sessions(
+    user_id: uuid.UUID, _admin: AdminUser, db: SessionDep
+) -> list[SessionPublic]:
+    """A user's live sessions, newest first (admins only; your own: ``/users/me/sessions``)."""
+    return await auth_service.list_user_sessions(db, user_id)
+
+
+@router.delete(
+    "/{user_id}/sessions/{session_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_errors(401, 403, 404, 422),
+)
+async def revoke_user_session(
+    user_id: uuid.UUID, session_id: uuid.UUID, admin: RecentAdmin, db: SessionDep, sec: SecurityDep
+) -> None:
+    """End one of a user's sessions (admins only), with the applications' sessions opened
+    through it; recorded as ``user.session_revoked`` naming the administrator."""
+    await auth_service.revoke_user_session(db, sec, user_id, session_id, actor_id=admin.id)
+
+
+@router.post(
+    "/{user_id}/password-reset",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Accepted,
+    responses=_errors(401, 403, 404, 409, 422),
+)
+async def send_password_reset(
+    user_id: uuid.UUID, admin: RecentAdmin, db: SessionDep, sec: SecurityDep
+) -> Accepted:
+    """Mail the user a password-reset link (admins only; 409 for a deactivated account). The
+    notification ``user.password_reset_requested`` names the administrator (``actor_id``)."""
+    await auth_service.send_password_reset(db, sec, user_id, actor_id=admin.id)
+    return Accepted(detail="A password reset link was sent to the account's address.")

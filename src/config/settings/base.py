@@ -45,11 +45,24 @@ class Settings(BaseSettings):
     # once, then once more with the count when the interval is over: an outage or an overload
     # is a few lines, not one per request. 0 writes every line.
     LOG_REPEAT_INTERVAL_SECONDS: float = Field(default=10.0, ge=0, le=3600)
+    # OpenTelemetry tracing (docs/tracing.md): spans for requests, SQL, Redis and Kafka, exported
+    # over OTLP/HTTP, and each event's trace context in its CloudEvent (traceparent). Needs the
+    # extra: pip install 'user-management-service[tracing]'; without it start-up stops and says
+    # so. The SDK reads its own variables, from the process environment only (not from .env):
+    # OTEL_EXPORTER_OTLP_ENDPOINT (http://localhost:4318), OTEL_SERVICE_NAME
+    # (user-management-service), OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES and the rest.
+    TRACING_ENABLED: bool = False
     DATA_DIR: Path = Path("./data")
     # Server processes: uvicorn reads WEB_CONCURRENCY from the environment (not from .env) as its
     # --workers default, and the container entry point passes it on. The password hashing
     # threads are shared out among them.
     WEB_CONCURRENCY: int = Field(default=1, ge=1, le=64)
+    # Where `user-service serve` listens (its --host and --port override them): the loopback
+    # interface by default, so a development server is not reachable from the network; a
+    # container sets 0.0.0.0.
+    HOST: str = Field(default="127.0.0.1", min_length=1)
+    # The TCP port `user-service serve` listens on.
+    PORT: int = Field(default=8000, ge=1, le=65535)
     # Requests one process serves at once; beyond it a request is answered 503 with Retry-After
     # at once, before any work, so those admitted keep their latency. Health probes are never
     # refused. 0 turns the cap off.
@@ -77,9 +90,16 @@ class Settings(BaseSettings):
     DATABASE_COMMAND_TIMEOUT: float = Field(default=2.0, gt=0, le=3600)
     # PostgreSQL's own statement_timeout: the server cancels a longer statement and the connection
     # lives on. Keep it below DATABASE_COMMAND_TIMEOUT, so that a slow statement is the server's
-    # to cancel. 0 turns it off: behind PgBouncer, which refuses it as a start-up parameter, set it
-    # on the database role instead [1.5]:
+    # to cancel. 0 turns it off. Not sent with DATABASE_PGBOUNCER (PgBouncer refuses it as a
+    # start-up parameter): set it on the database role instead [1.5]:
     DATABASE_STATEMENT_TIMEOUT: float = Field(default=1.5, ge=0, le=3600)
+    # True when DATABASE_URL points at PgBouncer in transaction (or statement) pool mode, which
+    # hands each transaction to whichever server connection is free: a statement prepared on one
+    # is missing on the next, or its name already taken. Then no prepared statement is cached and
+    # each gets a unique name, and statement_timeout is not sent (PgBouncer refuses it as a
+    # start-up parameter): set it on the role instead (docs/deploy.md). Session pool mode needs
+    # none of this.
+    DATABASE_PGBOUNCER: bool = False
 
     # --- Redis (names and defaults from the specification) --------------------------------------
     REDIS_ENABLED: bool = True
@@ -307,6 +327,33 @@ class Settings(BaseSettings):
     RECONNECT_BACKOFF_INITIAL: float = Field(default=0.5, gt=0, le=300)
     # Kept short: after a long outage, recovery should not wait out a long last backoff.
     RECONNECT_BACKOFF_MAX: float = Field(default=5.0, gt=0, le=3600)
+
+    # --- metrics (Prometheus, docs/metrics.md) -------------------------------------------------
+    # Who may read GET /metrics: off (no metrics endpoint, a 404 like any unknown path), open
+    # (anyone who reaches the port), or token (a bearer METRICS_TOKEN). Off by default: metrics
+    # tell an outsider the traffic, the error rates and the backlog, so exposing them is a choice.
+    # With several server processes set PROMETHEUS_MULTIPROC_DIR to an empty directory (created
+    # and emptied before the processes start), so one scrape counts all of them.
+    METRICS: Literal["off", "open", "token"] = "off"
+    # The bearer token of METRICS=token (required then; at least 32 characters), compared in
+    # constant time.
+    METRICS_TOKEN: SecretStr | None = Field(default=None, validate_default=True)
+    # 0 serves /metrics on the main port; another port serves it there only, on a small server of
+    # its own bound to METRICS_HOST, so it can be kept off the public listener.
+    METRICS_PORT: int = Field(default=0, ge=0, le=65535)
+    # The address the separate metrics server (METRICS_PORT) listens on; give it the host the
+    # service itself is bound to.
+    METRICS_HOST: str = "127.0.0.1"
+
+    @field_validator("METRICS_TOKEN")
+    @classmethod
+    def _metrics_token(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("METRICS") == "token" and value is None:
+            raise ValueError("required when METRICS=token")
+        # Guessable by brute force when short, like any other bearer secret.
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters long")
+        return value
 
     @field_validator("KAFKA_BOOTSTRAP_SERVERS")
     @classmethod

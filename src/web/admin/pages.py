@@ -1,0 +1,113 @@
+"""How console pages go out: the hosted pages' ``render`` (policy, CSRF cookie, no caching) with
+the console's script and layout, the refreshed tokens' cookie, and its errors as pages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+from urllib.parse import urlencode
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from src.app.container import app_services
+from src.web.admin.api import ApiProblem, Console, SignInNeeded
+from src.web.admin.session import set_tokens
+from src.web.render import PageRoute, redirect, render
+
+# Where the request keeps its console (in its scope, like the CSRF token: never shared state).
+CONSOLE_KEY = "ums.admin_console"
+# The page a form was posted from: where a sign-in that interrupts the post returns to.
+BACK_KEY = "ums.admin_back"
+SCRIPTS = ("admin.js",)
+# Fixed messages a redirect after an action may name (?done=...): nothing from the URL is shown.
+DONE = {
+    "revoked": "The session was revoked.",
+    "deactivated": "The account was deactivated; all its sessions ended.",
+    "activated": "The account was activated.",
+    "created": "The account was created.",
+    "client-updated": "The client was saved.",
+    "client-deleted": "The client was deleted.",
+    "key-rotated": "A new signing key is now in use; the previous one still verifies tokens.",
+    "reset-sent": "A password reset link was mailed to the account's address.",
+    "factors-reset": "Every second factor of the account was removed; all its sessions ended.",
+    "deleted": "The account was deleted.",
+}
+
+
+def remember(request: Request, console: Console, back: str | None = None) -> Console:
+    """Keep the request's console (for its refreshed cookie) and the page to come back to."""
+    request.scope[CONSOLE_KEY] = console
+    if back is not None:
+        request.scope[BACK_KEY] = back
+    return console
+
+
+def page(
+    request: Request,
+    console: Console | None,
+    template: str,
+    context: dict[str, Any],
+    *,
+    status: int = 200,
+    section: str = "",
+) -> Response:
+    done = request.query_params.get("done")
+    return render(
+        request,
+        template,
+        {
+            "admin_email": console.email if console else None,
+            "section": section,
+            "done": DONE.get(done or ""),
+            "error": None,
+            **context,
+        },
+        status=status,
+        scripts=SCRIPTS,
+    )
+
+
+def signin_url(request: Request, *, again: bool = False) -> str:
+    """Back to this page after signing in (the page a form was on, for a POST)."""
+    target = request.url.path
+    if request.method == "GET" and request.url.query:
+        target += f"?{request.url.query}"
+    elif request.method != "GET":
+        target = str(request.scope.get(BACK_KEY) or "/admin")
+    query = {"next": target, **({"again": "1"} if again else {})}
+    return f"/admin/signin?{urlencode(query)}"
+
+
+class AdminRoute(PageRoute):
+    """A console page: signed out (or the tokens refused) goes to the sign-in, a step-up the API
+    asks for to a fresh sign-in, an API error no route caught to the error page with its status;
+    refreshed tokens go out in the answer's cookie."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def console_handler(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except SignInNeeded as exc:
+                if request.headers.get("x-admin-fragment"):
+                    # The health panel's script: it says "sign in again" instead of following.
+                    return Response(status_code=401)
+                response = redirect(signin_url(request, again=exc.again), 303)
+            except ApiProblem as exc:
+                console = request.scope.get(CONSOLE_KEY)
+                response = page(
+                    request,
+                    console,
+                    "admin/error.html",
+                    {"title": exc.title, "message": exc.message},
+                    status=exc.status,
+                )
+            console = request.scope.get(CONSOLE_KEY)
+            if isinstance(console, Console) and console.changed:
+                services = app_services(request.app)
+                set_tokens(response, services.security.sealer, services.settings, console.tokens)
+            return response
+
+        return console_handler
