@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
@@ -17,6 +21,7 @@ from src.api.dependencies import CurrentUser
 from src.api.middleware import RequestIdMiddleware, accepted_request_id
 from src.config.logging import (
     JsonFormatter,
+    audit_line,
     configure_logging,
     make_formatter,
     request_id_var,
@@ -25,6 +30,7 @@ from src.config.logging import (
 )
 from src.config.settings import Settings
 from tests.support.app import OPERATOR_TOKEN, PASSWORD, bearer, login, register, running_app
+from tests.support.auth import IN_PROCESS_CLIENT_IP, QUICK_SETTINGS
 from tests.support.log_scan import _SCAN, SecretScanHandler, find_secrets, pytest_sessionfinish
 from tests.support.oidc import ADMIN_PASSWORD
 
@@ -314,3 +320,110 @@ def test_a_finding_fails_the_session() -> None:
     )
     pytest_sessionfinish(clean, 0)
     assert clean.exitstatus == 0
+
+
+# --- audit lines as structured fields (issue 12) --------------------------------------------------
+
+_WRONG_PASSWORD = "not-the-password-for-the-audit-line-test"
+
+
+async def _fail_login(client: httpx.AsyncClient, email: str, request_id: str) -> None:
+    response = await client.post(
+        "/api/v1/auth/login",
+        data={"grant_type": "password", "username": email, "password": _WRONG_PASSWORD},
+        headers={"X-Request-ID": request_id},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_grant"
+
+
+def _no_password_in(lines: list[str]) -> None:
+    for line in lines:
+        assert _WRONG_PASSWORD not in line and PASSWORD not in line, line
+
+
+async def test_a_failed_login_is_one_json_audit_line_of_separate_fields(
+    make_settings: SettingsFactory, lines: _Lines
+) -> None:
+    settings = make_settings(
+        LOG_FORMAT="json", LOCKOUT_FAILURE_THRESHOLD=2, LOCKOUT_WAIT_INCREMENT_SECONDS=60,
+        **QUICK_SETTINGS,
+    )  # fmt: skip
+    async with running_app(settings) as (_, client):
+        user = await register(client)
+        _attach(lines)
+        await _fail_login(client, user["email"], "audit-json-1")
+        await _fail_login(client, user["email"], "audit-json-2")
+    entries = [json.loads(line) for line in lines.lines]
+    audit = [e for e in entries if e["logger"] == "src.auth.audit"]
+    first, second = audit  # one line per failed login, nothing else on the audit logger
+    assert set(first) == {
+        "time", "level", "logger", "message", "request_id", "audit", "user", "ip", "reason"
+    }  # fmt: skip
+    assert first["level"] == "INFO"
+    assert first["message"] == "login failed" and first["audit"] == "login_failed"
+    assert first["user"] == user["id"]
+    assert first["ip"] == IN_PROCESS_CLIENT_IP
+    assert first["reason"] == "invalid_credentials"
+    assert first["request_id"] == "audit-json-1"
+    # The conditional part: the second failure reaches the threshold and locks the address out.
+    assert second["request_id"] == "audit-json-2"
+    assert second["reason"] == "invalid_credentials" and second["locked_for_seconds"] == 60
+    _no_password_in(lines.lines)
+
+
+async def test_a_failed_login_in_the_text_format_reads_as_key_value_pairs(
+    make_settings: SettingsFactory, lines: _Lines
+) -> None:
+    async with running_app(make_settings(LOG_FORMAT="text", **QUICK_SETTINGS)) as (_, client):
+        user = await register(client)
+        _attach(lines)
+        await _fail_login(client, user["email"], "audit-text")
+    audit = [line for line in lines.lines if " src.auth.audit: " in line]
+    assert len(audit) == 1, audit
+    assert audit[0].endswith(
+        " INFO src.auth.audit: login failed request_id=audit-text audit=login_failed"
+        f" user={user['id']} ip={IN_PROCESS_CLIENT_IP} reason=invalid_credentials"
+    ), audit[0]
+    _no_password_in(lines.lines)
+
+
+def test_an_audit_line_points_at_its_caller_and_writes_ids_as_text() -> None:
+    kept = _Lines()
+    audit = logging.getLogger("src.auth.audit")
+    audit.addHandler(kept)
+    factor = uuid.uuid4()
+    try:
+        audit_line(audit, "factor removed", level=logging.WARNING, factor=factor, left=2, gone=None)
+    finally:
+        audit.removeHandler(kept)
+    (record,) = kept.records
+    assert (record.levelno, record.getMessage()) == (logging.WARNING, "factor removed")
+    assert record.pathname == __file__
+    assert record.funcName == "test_an_audit_line_points_at_its_caller_and_writes_ids_as_text"
+    assert vars(record)["audit"] == "factor_removed"
+    assert vars(record)["factor"] == str(factor) and vars(record)["left"] == 2
+    assert "gone" not in vars(record)  # None: the conditional part is left out
+
+
+@pytest.mark.parametrize(
+    "name", ["name", "msg", "args", "module", "levelname", "message", "asctime", "audit",
+             "request_id", "user_id", "client_id", "taskName"],
+)  # fmt: skip
+def test_an_audit_field_cannot_take_a_reserved_name(name: str) -> None:
+    fields: dict[str, Any] = {name: "x"}
+    with pytest.raises(ValueError, match=name):
+        audit_line(logging.getLogger("src.auth.audit"), "anything", **fields)
+
+
+def test_every_audit_line_goes_through_the_structured_helper() -> None:
+    """A prose line (``audit.info("x: user=%s", ...)``) would have no fields to filter on."""
+    src = Path(__file__).resolve().parent.parent / "src"
+    prose = re.compile(r"\baudit\.(debug|info|warning|error|exception|critical|log)\(")
+    found = [
+        f"{path.relative_to(src.parent)}:{number}"
+        for path in sorted(src.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if prose.search(line)
+    ]
+    assert found == [], found

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from src.app.container import app_services
-from src.config.logging import RepeatFilter, _UTCFormatter
+from src.config.logging import RepeatFilter, _UTCFormatter, audit_line
 from src.config.settings import Settings
 from src.services import supervisor
 from src.services.connections import Connections
@@ -143,14 +143,32 @@ def test_a_repeated_warning_is_written_once_per_interval_with_a_count() -> None:
 
 
 def test_the_audit_trail_is_never_thinned() -> None:
-    """An attacker's own refused sign-in must not hide the next victim's line."""
+    """An attacker's own refused sign-in must not hide the next victim's line (each is the same
+    message from the same place: only its fields differ)."""
     repeats = RepeatFilter(10.0, clock=lambda: 0.0)
-    template = "password check refused: user=%s ip=%s reason=rate_limited"
-    for user in ("attacker", "victim-1", "victim-2"):
-        record = logging.LogRecord(
-            "src.auth.audit", logging.WARNING, __file__, 1, template, (user, "192.0.2.1"), None
-        )
-        assert repeats.filter(record)
+    kept: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record)
+
+    audit = logging.getLogger("src.auth.audit")
+    handler = Keep(logging.WARNING)
+    handler.addFilter(repeats)
+    audit.addHandler(handler)
+    try:
+        for user in ("attacker", "victim-1", "victim-2"):
+            audit_line(
+                audit,
+                "password check refused",
+                level=logging.WARNING,
+                user=user,
+                ip="192.0.2.1",
+                reason="rate_limited",
+            )
+    finally:
+        audit.removeHandler(handler)
+    assert [getattr(r, "user", None) for r in kept] == ["attacker", "victim-1", "victim-2"]
 
 
 def test_an_interval_of_zero_writes_every_line() -> None:

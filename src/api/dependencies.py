@@ -21,7 +21,7 @@ from src.auth import service as auth_service
 from src.auth import step_up
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo
-from src.config.logging import client_id_var, user_id_var
+from src.config.logging import audit_line, client_id_var, user_id_var
 from src.config.settings import Settings
 from src.db.session import close_session
 from src.errors import NotAuthenticated, PermissionDenied, StepUpRequired
@@ -113,10 +113,12 @@ async def get_current_user(
     ):
         # A third-party application's token is for /oauth2/userinfo (and the scopes the user
         # allowed it), not a key to the account: it must not change a password or act as admin.
-        audit.info(
-            "token refused: user=%s client=%s reason=third_party",
-            principal.id,
-            principal.client_id,
+        audit_line(
+            audit,
+            "token refused",
+            user=principal.id,
+            client=principal.client_id,
+            reason="third_party",
         )
         raise PermissionDenied(
             "This application's token is not accepted by the account API.",
@@ -130,11 +132,13 @@ CurrentUser = Annotated[Principal, Depends(get_current_user)]
 
 async def get_current_admin(principal: CurrentUser, request: Request) -> Principal:
     if not principal.is_admin:
-        audit.info(
-            "authorization refused: user=%s %s %s reason=not_admin",
-            principal.id,
-            request.method,
-            request.url.path,
+        audit_line(
+            audit,
+            "authorization refused",
+            user=principal.id,
+            method=request.method,
+            path=request.url.path,
+            reason="not_admin",
         )
         raise PermissionDenied("Administrator role required.")
     return principal

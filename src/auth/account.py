@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from src.auth.context import Principal, Security
 from src.auth.passwords import enforce_password_policy, unusable_password
 from src.auth.service import ClientInfo, create_account, set_password, verify_password
+from src.config.logging import audit_line
 from src.config.settings import SettingsError
 from src.db.models import OneTimeToken, User
 from src.db.types import utcnow
@@ -105,7 +106,7 @@ async def request_email_change(
         about=new_email,
     )
     await db.commit()
-    audit.info("email change requested: user=%s ip=%s", user.id, client.ip)
+    audit_line(audit, "email change requested", user=user.id, ip=client.ip)
 
 
 async def _spend(db: AsyncSession, token: str, purpose: str) -> tuple[OneTimeToken, User]:
@@ -181,7 +182,7 @@ async def confirm_email_change(db: AsyncSession, sec: Security, token: str) -> U
         replace_earlier=False,
     )
     await commit_change(db, sec, [user.id])
-    audit.info("email changed: user=%s", user.id)
+    audit_line(audit, "email changed", user=user.id)
     return user
 
 
@@ -218,7 +219,13 @@ async def undo_email_change(db: AsyncSession, sec: Security, token: str) -> None
         db, sec, user, EventType.PASSWORD_RESET_REQUESTED, PASSWORD_RESET, "account/reset-password"
     )
     await commit_change(db, sec, [user.id], revoked)
-    audit.warning("email change undone: user=%s sessions_revoked=%d", user.id, len(revoked))
+    audit_line(
+        audit,
+        "email change undone",
+        level=logging.WARNING,
+        user=user.id,
+        sessions_revoked=len(revoked),
+    )
 
 
 async def delete_own_account(

@@ -43,6 +43,7 @@ from src.auth import service as auth_service
 from src.auth.context import Security
 from src.auth.rate_limit import LoginDecision, client_key
 from src.auth.service import ClientInfo
+from src.config.logging import audit_line
 from src.config.settings import Settings
 from src.db.models import MfaFactor, RecoveryCode, User
 from src.db.types import utcnow
@@ -254,8 +255,13 @@ async def admit_guess(
 
     decision = await sec.guard.admit(client.ip, guard_key(user.id), known_address)
     if decision.wait is not None:
-        audit.warning(
-            "second factor check refused: user=%s ip=%s reason=rate_limited", user.id, client.ip
+        audit_line(
+            audit,
+            "second factor check refused",
+            level=logging.WARNING,
+            user=user.id,
+            ip=client.ip,
+            reason="rate_limited",
         )
         raise TooManyRequests(decision.wait)
     return decision
@@ -297,13 +303,14 @@ async def verify_second_factor(
     outcome = await _check(db, sec, user, code, client, now)
     if isinstance(outcome, _Failure):
         locked_for = decision.lock_if_wrong
-        audit.info(
-            "second factor failed: user=%s ip=%s method=%s reason=%s%s",
-            user.id,
-            client.ip,
-            outcome.method,
-            outcome.reason,
-            f" locked_for={locked_for:.0f}s" if locked_for else "",
+        audit_line(
+            audit,
+            "second factor failed",
+            user=user.id,
+            ip=client.ip,
+            method=outcome.method,
+            reason=outcome.reason,
+            locked_for_seconds=round(locked_for) if locked_for else None,
         )
         if sessions is not None and defer is not None:
             failure = {
@@ -385,7 +392,7 @@ async def _spend_recovery_code(
         {"id": user.id, "ip": client.ip, "recovery_codes_left": left},
     )
     await db.flush()
-    audit.info("recovery code used: user=%s ip=%s left=%d", user.id, client.ip, left)
+    audit_line(audit, "recovery code used", user=user.id, ip=client.ip, left=left)
     return METHOD_RECOVERY_CODE
 
 
@@ -430,7 +437,7 @@ async def start_totp_enrolment(
     db.add(factor)
     await db.commit()
     uri = provisioning_uri(sec, user, secret)
-    audit.info("authenticator enrolment started: user=%s factor=%s", user.id, factor.id)
+    audit_line(audit, "authenticator enrolment started", user=user.id, factor=factor.id)
     return factor, secret, uri, qr_svg(uri)
 
 
@@ -469,7 +476,7 @@ async def confirm_totp(
     digits = _totp_digits(code) if len(code) <= MAX_CODE_LENGTH else None
     steps = _matching_steps(secret, digits, now) if secret and digits else []
     if not steps:
-        audit.info("authenticator confirmation failed: user=%s ip=%s", user.id, client.ip)
+        audit_line(audit, "authenticator confirmation failed", user=user.id, ip=client.ip)
         raise SecondFactorRefused()
     await sec.guard.succeeded(client.ip, guard_key(user.id))
     first = not any(f.confirmed_at is not None for f in factors)
@@ -489,7 +496,7 @@ async def confirm_totp(
         },
     )
     await db.commit()
-    audit.info("authenticator enrolled: user=%s factor=%s", user.id, factor.id)
+    audit_line(audit, "authenticator enrolled", user=user.id, factor=factor.id)
     return factor, codes
 
 
@@ -582,7 +589,7 @@ async def remove_factor(
             },
         )
     await db.commit()
-    audit.info("authenticator removed: user=%s factor=%s via=%s", user.id, factor.id, via)
+    audit_line(audit, "authenticator removed", user=user.id, factor=factor.id, via=via)
 
 
 async def regenerate_recovery_codes(
@@ -613,7 +620,7 @@ async def regenerate_recovery_codes(
         {"id": user.id, "recovery_codes_issued": len(codes), "recovery_codes_revoked": revoked},
     )
     await db.commit()
-    audit.info("recovery codes regenerated: user=%s", user.id)
+    audit_line(audit, "recovery codes regenerated", user=user.id)
     return codes
 
 
@@ -649,12 +656,13 @@ async def reset_factors(
         },
     )
     await commit_change(db, sec, [user_id], revoked)
-    audit.info(
-        "second factors reset: user=%s actor=%s factors=%d sessions=%d",
-        user_id,
-        actor_id,
-        removed,
-        len(revoked),
+    audit_line(
+        audit,
+        "second factors reset",
+        user=user_id,
+        actor=actor_id,
+        factors=removed,
+        sessions=len(revoked),
     )
 
 

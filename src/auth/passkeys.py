@@ -54,6 +54,7 @@ from webauthn.helpers.structs import (
 from src.auth import mfa
 from src.auth.context import Security
 from src.auth.service import ClientInfo, record_event_apart
+from src.config.logging import audit_line
 from src.db.models import MfaFactor, User
 from src.db.types import utcnow
 from src.errors import DomainError
@@ -278,7 +279,7 @@ async def register_passkey(
         )
     # Whatever a hostile credential makes the parser raise, it did not verify.
     except Exception as exc:  # noqa: BLE001
-        audit.info("passkey registration refused: user=%s reason=%s", user.id, type(exc).__name__)
+        audit_line(audit, "passkey registration refused", user=user.id, reason=type(exc).__name__)
         raise PasskeyError(NOT_VERIFIED) from None
     credential_id = bytes_to_base64url(verified.credential_id)
     if len(credential_id) > MAX_CREDENTIAL_ID:
@@ -329,7 +330,7 @@ async def register_passkey(
     except IntegrityError:  # the same credential registered at the same moment
         await db.rollback()
         raise PasskeyError("This passkey is registered already.") from None
-    audit.info("passkey registered: user=%s factor=%s", user.id, factor.id)
+    audit_line(audit, "passkey registered", user=user.id, factor=factor.id)
     return Registered(factor, codes)
 
 
@@ -412,7 +413,12 @@ async def verify_assertion(
         or factor.public_key is None
         or (user is not None and factor.user_id != user.id)
     ):
-        audit.info("passkey refused: user=%s reason=unknown_credential", user.id if user else "-")
+        audit_line(
+            audit,
+            "passkey refused",
+            user=user.id if user else "-",
+            reason="unknown_credential",
+        )
         raise PasskeyError(UNKNOWN)
     owner = user or await db.get(User, factor.user_id)
     if owner is None or not owner.is_active:
@@ -421,7 +427,7 @@ async def verify_assertion(
     # nobody was named before the ceremony), names the credential's owner.
     handle = _user_handle(credential)
     if (handle is None and user is None) or (handle is not None and handle != owner.id.bytes):
-        audit.info("passkey refused: user=%s reason=user_handle", owner.id)
+        audit_line(audit, "passkey refused", user=owner.id, reason="user_handle")
         raise PasskeyError(NOT_VERIFIED)
     stored = factor.sign_count or 0
     rp_id, origins = _settings_values(sec)
@@ -437,7 +443,14 @@ async def verify_assertion(
         )
     except Exception as exc:  # noqa: BLE001 - whatever a hostile credential raises: refused
         reason = "sign_count" if "sign count" in str(exc) else type(exc).__name__
-        audit.warning("passkey refused: user=%s factor=%s reason=%s", owner.id, factor.id, reason)
+        audit_line(
+            audit,
+            "passkey refused",
+            level=logging.WARNING,
+            user=owner.id,
+            factor=factor.id,
+            reason=reason,
+        )
         raise PasskeyError(NOT_VERIFIED) from None
     new_count = verified.new_sign_count
     moved_on = MfaFactor.sign_count == 0 if new_count == 0 else MfaFactor.sign_count < new_count
@@ -449,12 +462,19 @@ async def verify_assertion(
     )
     if getattr(result, "rowcount", 0) != 1:
         # Another assertion with this count got there first: a replay or a clone.
-        audit.warning("passkey refused: user=%s factor=%s reason=sign_count", owner.id, factor.id)
+        audit_line(
+            audit,
+            "passkey refused",
+            level=logging.WARNING,
+            user=owner.id,
+            factor=factor.id,
+            reason="sign_count",
+        )
         raise PasskeyError(NOT_VERIFIED)
     # The row says so already: no second UPDATE at the next flush.
     set_committed_value(factor, "sign_count", new_count)
     set_committed_value(factor, "last_used_at", now)
-    audit.info("passkey verified: user=%s factor=%s", owner.id, factor.id)
+    audit_line(audit, "passkey verified", user=owner.id, factor=factor.id)
     return Asserted(owner, factor)
 
 
@@ -475,7 +495,7 @@ async def verify_second_factor(
     try:
         asserted = await verify_assertion(db, sec, credential, challenge_token, user=user)
     except PasskeyError:
-        audit.info("second factor failed: user=%s ip=%s method=webauthn", user.id, client.ip)
+        audit_line(audit, "second factor failed", user=user.id, ip=client.ip, method="webauthn")
         if sessions is not None:
             failure = {
                 "id": user.id,

@@ -21,6 +21,7 @@ from src.auth.context import Principal, Security
 from src.auth.jwt import TokenError
 from src.auth.passwords import enforce_password_policy
 from src.auth.rate_limit import LoginDecision, client_key
+from src.config.logging import audit_line
 from src.db.models import RefreshToken, User, UserSession
 from src.db.session import close_session
 from src.db.types import utcnow
@@ -92,7 +93,14 @@ async def _admit(
     decision = await sec.guard.admit(client.ip, key, known_address)
     if decision.wait is not None:
         who = user.id if user is not None else "unknown"
-        audit.warning("password check refused: user=%s ip=%s reason=rate_limited", who, client.ip)
+        audit_line(
+            audit,
+            "password check refused",
+            level=logging.WARNING,
+            user=who,
+            ip=client.ip,
+            reason="rate_limited",
+        )
         raise TooManyRequests(decision.wait)
     return decision
 
@@ -118,7 +126,7 @@ async def verify_password(
     key = user.email
     await _admit(db, sec, key, user, client)
     if not await sec.hasher.verify(user.password_hash, password):
-        audit.info("re-authentication failed: user=%s ip=%s", user.id, client.ip)
+        audit_line(audit, "re-authentication failed", user=user.id, ip=client.ip)
         return False
     await sec.guard.succeeded(client.ip, key)
     return True
@@ -146,7 +154,7 @@ async def complete_sign_in(
     session, refresh = await open_session(db, sec, user, client, client_id, amr=amr, scope=scope)
     record_sign_in(db, sec, session, client, "password_grant")
     await commit_change(db, sec, changed_users(db, user))
-    audit.info("login succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    audit_line(audit, "login succeeded", user=user.id, ip=client.ip, session=session.id)
     return token_response(sec, user, session, refresh)
 
 
@@ -212,7 +220,9 @@ async def check_password(
         # Spend the same hashing time as a real check so timing does not reveal accounts.
         await sec.hasher.verify_dummy(password)
         metrics.login("unknown_user")
-        audit.info("login failed: user=unknown ip=%s reason=invalid_credentials", client.ip)
+        audit_line(
+            audit, "login failed", user="unknown", ip=client.ip, reason="invalid_credentials"
+        )
         raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
 
     if not await sec.hasher.verify(user.password_hash, password):
@@ -233,17 +243,19 @@ async def check_password(
         metrics.login("bad_password")
         if locked_for:
             metrics.LOGIN_LOCKOUTS.inc()
-        audit.info(
-            "login failed: user=%s ip=%s reason=invalid_credentials%s",
-            user.id,
-            client.ip,
-            f" locked_for={locked_for:.0f}s" if locked_for else "",
+        audit_line(
+            audit,
+            "login failed",
+            user=user.id,
+            ip=client.ip,
+            reason="invalid_credentials",
+            locked_for_seconds=round(locked_for) if locked_for else None,
         )
         raise OAuthError("invalid_grant", _INVALID_CREDENTIALS)
 
     if not user.is_active:
         metrics.login("inactive")
-        audit.info("login failed: user=%s ip=%s reason=inactive", user.id, client.ip)
+        audit_line(audit, "login failed", user=user.id, ip=client.ip, reason="inactive")
         raise OAuthError("invalid_grant", "This account is disabled.")
 
     await sec.guard.succeeded(client.ip, _guard_key(username))
@@ -405,35 +417,45 @@ async def refresh(
     invalid = OAuthError("invalid_grant", "The refresh token is invalid or expired.")
     row = await repository.get_refresh_token(db, hash_token(refresh_token))
     if row is None:
-        audit.info("refresh failed: user=unknown ip=%s reason=unknown_token", client.ip)
+        audit_line(audit, "refresh failed", user="unknown", ip=client.ip, reason="unknown_token")
         raise invalid
     session = await repository.get_session(db, row.session_id)
     if session is None:
-        audit.info("refresh failed: user=unknown ip=%s reason=session_gone", client.ip)
+        audit_line(audit, "refresh failed", user="unknown", ip=client.ip, reason="session_gone")
         raise invalid
     now = utcnow()
     if row.used_at is not None:
         if session.revoked_at is None:
             session.revoked_at, session.revoked_reason = now, "refresh_reuse"
             await commit_change(db, sec, session_ids=[session.id])
-        audit.warning(
-            "refresh token reuse: user=%s ip=%s session=%s revoked",
-            session.user_id,
-            client.ip,
-            session.id,
+        audit_line(
+            audit,
+            "refresh token reuse",
+            level=logging.WARNING,
+            user=session.user_id,
+            ip=client.ip,
+            session=session.id,
+            session_revoked=True,
         )
         raise invalid
     if session.client_id != client_id:
-        audit.warning(
-            "refresh failed: user=%s ip=%s reason=wrong_client", session.user_id, client.ip
+        audit_line(
+            audit,
+            "refresh failed",
+            level=logging.WARNING,
+            user=session.user_id,
+            ip=client.ip,
+            reason="wrong_client",
         )
         raise invalid
     if session.revoked_at is not None or session.expires_at <= now:
-        audit.info("refresh failed: user=%s ip=%s reason=session_ended", session.user_id, client.ip)
+        audit_line(
+            audit, "refresh failed", user=session.user_id, ip=client.ip, reason="session_ended"
+        )
         raise invalid
     user = await repository.get_user(db, session.user_id)
     if user is None or not user.is_active:
-        audit.info("refresh failed: user=%s ip=%s reason=inactive", session.user_id, client.ip)
+        audit_line(audit, "refresh failed", user=session.user_id, ip=client.ip, reason="inactive")
         raise invalid
 
     row.used_at = now
@@ -445,7 +467,7 @@ async def refresh(
     session.ip_address = client.ip
     new_refresh = _new_refresh_token(db, session, now)
     await db.commit()
-    audit.info("refresh succeeded: user=%s ip=%s session=%s", user.id, client.ip, session.id)
+    audit_line(audit, "refresh succeeded", user=user.id, ip=client.ip, session=session.id)
     metrics.token_issued("refresh_token")
     return token_response(sec, user, session, new_refresh)
 
@@ -462,7 +484,7 @@ async def authenticate(
         claims = sec.tokens.decode(token)
         user_id, session_id = uuid.UUID(claims.sub), uuid.UUID(claims.sid)
     except (TokenError, ValueError) as exc:
-        audit.info("token refused: reason=%s", exc)
+        audit_line(audit, "token refused", reason=str(exc))
         raise NotAuthenticated("The access token is invalid or expired.") from None
 
     load = functools.partial(_load_auth, sessions, sec, user_id, session_id)
@@ -474,10 +496,10 @@ async def authenticate(
         if sec.cache.ageing(state):
             sec.cache.refresh_soon(user_id, session_id, load)
     if state.revoked or state.expires_at <= utcnow() or state.user_id != user_id:
-        audit.info("token refused: user=%s reason=session_ended", user_id)
+        audit_line(audit, "token refused", user=user_id, reason="session_ended")
         raise NotAuthenticated("The session has ended.")
     if not user.is_active:
-        audit.info("token refused: user=%s reason=inactive", user_id)
+        audit_line(audit, "token refused", user=user_id, reason="inactive")
         raise NotAuthenticated("This account is disabled.")
     return Principal(
         user=user,
@@ -524,13 +546,13 @@ async def logout(db: AsyncSession, sec: Security, principal: Principal) -> None:
     if session is not None and session.revoked_at is None:
         session.revoked_at, session.revoked_reason = utcnow(), "logout"
     await commit_change(db, sec, session_ids=[principal.session_id])
-    audit.info("logout: user=%s session=%s", principal.id, principal.session_id)
+    audit_line(audit, "logout", user=principal.id, session=principal.session_id)
 
 
 async def logout_all(db: AsyncSession, sec: Security, principal: Principal) -> int:
     revoked = await repository.revoke_sessions(db, principal.id, utcnow(), "logout_all")
     await commit_change(db, sec, session_ids=revoked)
-    audit.info("logout everywhere: user=%s sessions=%d", principal.id, len(revoked))
+    audit_line(audit, "logout everywhere", user=principal.id, sessions=len(revoked))
     return len(revoked)
 
 
@@ -550,7 +572,7 @@ async def revoke_session(
         raise NotFound("No such session.")
     # A browser session takes the applications' sessions opened through it along.
     await end_browser_session(db, sec, session_id, reason="revoked")
-    audit.info("session revoked: user=%s session=%s", principal.id, session_id)
+    audit_line(audit, "session revoked", user=principal.id, session=session_id)
 
 
 async def list_user_sessions(db: AsyncSession, user_id: uuid.UUID) -> list[SessionPublic]:
@@ -578,7 +600,7 @@ async def revoke_user_session(
     data = {"id": user_id, "session_id": session_id, "kind": session.kind, "actor_id": actor_id}
     record_event(db, sec.settings, EventType.SESSION_REVOKED, user_id, data)
     await end_browser_session(db, sec, session_id, reason="revoked_by_admin")
-    audit.info("session revoked: user=%s session=%s actor=%s", user_id, session_id, actor_id)
+    audit_line(audit, "session revoked", user=user_id, session=session_id, actor=actor_id)
 
 
 async def send_password_reset(
@@ -602,7 +624,7 @@ async def send_password_reset(
         extra={"actor_id": actor_id},
     )
     await db.commit()
-    audit.info("password reset sent: user=%s actor=%s", user_id, actor_id)
+    audit_line(audit, "password reset sent", user=user_id, actor=actor_id)
 
 
 # --- password reset and email verification --------------------------------------------------------
@@ -612,7 +634,13 @@ async def register(db: AsyncSession, sec: Security, body: UserRegister, client: 
     """Self-registration, throttled per client address and per address registered (429)."""
     wait = await sec.throttle.hit("register", client.ip, body.email)
     if wait is not None:
-        audit.warning("registration refused: ip=%s reason=rate_limited", client.ip)
+        audit_line(
+            audit,
+            "registration refused",
+            level=logging.WARNING,
+            ip=client.ip,
+            reason="rate_limited",
+        )
         raise TooManyRequests(wait)
     return await create_account(db, sec, UserCreate.model_validate(body.model_dump()))
 

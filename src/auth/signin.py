@@ -18,6 +18,7 @@ from src.auth import mfa
 from src.auth.challenge import amr_for, issue_ticket, open_ticket
 from src.auth.context import Security
 from src.auth.service import ClientInfo, changed_users, check_password, complete_sign_in
+from src.config.logging import audit_line
 from src.errors import OAuthError
 from src.services import metrics
 from src.users import repository
@@ -54,14 +55,14 @@ async def password_grant(
         await commit_change(db, sec, changed_users(db, user))
     if enrol_first:
         metrics.login("mfa_enrollment_required")
-        audit.info("login needs an enrolment first: user=%s ip=%s", user.id, who.ip)
+        audit_line(audit, "login needs an enrolment first", user=user.id, ip=who.ip)
         raise OAuthError(
             "mfa_enrollment_required",
             "This account must have a second factor: sign in on the hosted pages to set one up.",
         )
     if second_step:
         ticket = issue_ticket(sec, user.id, client_id or OWN_API, scope)
-        audit.info("login needs a second factor: user=%s ip=%s", user.id, who.ip)
+        audit_line(audit, "login needs a second factor", user=user.id, ip=who.ip)
         raise OAuthError(
             "mfa_required",
             f"A second factor is required: use grant_type={MFA_GRANT} with this mfa_token.",
@@ -96,7 +97,7 @@ async def second_factor_grant(
         )
     except mfa.SecondFactorRefused:
         metrics.login("mfa_failed")
-        audit.info("second factor refused: user=%s ip=%s", user.id, who.ip)
+        audit_line(audit, "second factor refused", user=user.id, ip=who.ip)
         raise OAuthError("invalid_grant", "The code is not valid.") from None
     tokens = await complete_sign_in(
         db, sec, user, who, client_id, amr=amr_for(method), scope=ticket.scope

@@ -19,6 +19,7 @@ from src.auth import mfa
 from src.auth.challenge import amr_for
 from src.auth.context import Principal, Security
 from src.auth.service import ClientInfo, record_event_apart, token_response, verify_password
+from src.config.logging import audit_line
 from src.db.models import User, UserSession
 from src.db.types import utcnow
 from src.errors import DomainError, StepUpRequired
@@ -67,11 +68,12 @@ async def require_recent_authentication(
     strong = "mfa" in principal.amr or not await mfa.has_second_factor(db, principal.id)
     if not (fresh and strong):
         reason = "too_old" if not fresh else "second_factor_needed"
-        audit.info(
-            "step-up required: user=%s session=%s reason=%s",
-            principal.id,
-            principal.session_id,
-            reason,
+        audit_line(
+            audit,
+            "step-up required",
+            user=principal.id,
+            session=principal.session_id,
+            reason=reason,
         )
         raise StepUpRequired(max_age, reason)
 
@@ -128,7 +130,7 @@ async def refresh_authentication(
         amr = amr_for(method)
     session.auth_time, session.amr = utcnow(), " ".join(amr)
     await commit_change(db, sec, session_ids=[session.id])
-    audit.info("re-authenticated: user=%s session=%s", user.id, session.id)
+    audit_line(audit, "re-authenticated", user=user.id, session=session.id)
 
 
 def is_recent(sec: Security, session: UserSession, now: datetime | None = None) -> bool:

@@ -7,7 +7,10 @@ and the next one after the interval says how many were left out.
 
 The audit trail (``src.auth.audit``: refused sign-ins, rate-limited password checks, refused
 tokens) is never thinned: each line names a user and an address, and an attacker must not be
-able to hide the next victim's line behind a first one of their own.
+able to hide the next victim's line behind a first one of their own. Its lines are written with
+``audit_line``: the message is a short stable phrase (``login failed``), the key ``audit`` holds
+the same phrase as one token (``login_failed``) for a collector to filter on, and what the line is
+about (``user``, ``ip``, ``reason``...) are fields of their own, so nobody has to parse prose.
 
 Every line carries the request it was written for (``request_id``, set by
 ``src.api.middleware.RequestIdMiddleware`` and echoed to the client in ``X-Request-ID``), and the
@@ -52,6 +55,41 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "taskName",
     "repeats_left_out",
 }
+
+
+# The key of an audit line that names its action (see ``audit_line``).
+AUDIT_KEY = "audit"
+# Names an audit field cannot take: a record's own attributes (logging refuses to overwrite them,
+# and a formatter would not write them), the request's ids (they come from the context variables:
+# a field of the same name would silently replace them) and the action's key.
+_RESERVED_FIELDS = _STANDARD | _CONTEXT_NAMES | {AUDIT_KEY}
+
+
+def audit_line(
+    logger: logging.Logger, action: str, *, level: int = logging.INFO, **fields: object
+) -> None:
+    """Write one audit line: ``action`` as the message and in ``audit`` (spaces as underscores,
+    so a text line stays ``key=value`` pairs), each field as a key of its own.
+
+    Structured rather than prose so a collector filters on ``audit``, ``user``, ``ip`` or
+    ``reason`` without a pattern per message, and a field added later breaks no parser. A field
+    given as None is left out (the conditional parts of a line); other values are written as
+    they are when a number, a string or a boolean, and as text otherwise (ids). Never pass a
+    secret: the fields are written whatever the format. A reserved name (``name``, ``args``,
+    ``user_id``...) raises ValueError: it is a mistake in the calling code, which every test
+    through that line finds.
+    """
+    clash = _RESERVED_FIELDS.intersection(fields)
+    if clash:
+        raise ValueError(f"audit field names reserved by logging: {sorted(clash)}")
+    extra: dict[str, object] = {AUDIT_KEY: action.replace(" ", "_")}
+    extra.update({key: _plain(value) for key, value in fields.items() if value is not None})
+    # stacklevel: the record's module, function and line are the caller's, not this helper's.
+    logger.log(level, action, extra=extra, stacklevel=2)
+
+
+def _plain(value: object) -> object:
+    return value if isinstance(value, str | int | float | bool) else str(value)
 
 
 def _utc(record: logging.LogRecord) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from src.auth.context import Security
 from src.auth.jwt import TokenError
 from src.auth.service import ClientInfo, open_session, record_sign_in, token_response
+from src.config.logging import audit_line
 from src.db.models import AuthorizationCode, OAuthClient, User, UserSession
 from src.db.types import utcnow
 from src.errors import OAuthError
@@ -67,13 +68,20 @@ async def exchange_code(
     row = await db.get(AuthorizationCode, hash_token(code), with_for_update=True)
     now = utcnow()
     if row is None:
-        audit.info("code refused: client=%s ip=%s reason=unknown", client.client_id, who.ip)
+        audit_line(audit, "code refused", client=client.client_id, ip=who.ip, reason="unknown")
         raise OAuthError("invalid_grant", _BAD_CODE)
     if row.used_at is not None:
         await _revoke_replayed(db, sec, row, client, who)
         raise OAuthError("invalid_grant", _BAD_CODE)
     if row.client_id != client.client_id:
-        audit.warning("code refused: client=%s ip=%s reason=other_client", client.client_id, who.ip)
+        audit_line(
+            audit,
+            "code refused",
+            level=logging.WARNING,
+            client=client.client_id,
+            ip=who.ip,
+            reason="other_client",
+        )
         raise OAuthError("invalid_grant", _BAD_CODE)
     if row.expires_at <= now:
         raise OAuthError("invalid_grant", _BAD_CODE)
@@ -81,7 +89,7 @@ async def exchange_code(
         # Also refused when the URI was removed from the client since the code was issued.
         raise OAuthError("invalid_grant", "redirect_uri does not match the authorization request.")
     if not verifier_matches(code_verifier, row.code_challenge):
-        audit.info("code refused: client=%s ip=%s reason=pkce", client.client_id, who.ip)
+        audit_line(audit, "code refused", client=client.client_id, ip=who.ip, reason="pkce")
         raise OAuthError("invalid_grant", "The code_verifier does not match the code_challenge.")
 
     # Spent before anything else can fail, and only once even if two requests got this far
@@ -116,12 +124,13 @@ async def exchange_code(
     row.session_id = session.id
     record_sign_in(db, sec, session, who, "authorization_code")
     await commit_change(db, sec)  # no user row changed: the user's cached copy stays
-    audit.info(
-        "code exchanged: user=%s client=%s ip=%s session=%s",
-        user.id,
-        client.client_id,
-        who.ip,
-        session.id,
+    audit_line(
+        audit,
+        "code exchanged",
+        user=user.id,
+        client=client.client_id,
+        ip=who.ip,
+        session=session.id,
     )
     # A third party stays signed in only if the user allowed it ("offline_access" on the
     # consent page); the company's own applications do whenever they may refresh.
@@ -144,11 +153,14 @@ async def _revoke_replayed(
         if session is not None and session.revoked_at is None:
             session.revoked_at, session.revoked_reason = utcnow(), "code_replay"
             await commit_change(db, sec, session_ids=[session.id])
-    audit.warning(
-        "authorization code replay: client=%s ip=%s session=%s revoked",
-        client.client_id,
-        who.ip,
-        row.session_id,
+    audit_line(
+        audit,
+        "authorization code replay",
+        level=logging.WARNING,
+        client=client.client_id,
+        ip=who.ip,
+        session=row.session_id,
+        session_revoked=True,
     )
 
 
@@ -200,7 +212,7 @@ def client_credentials(sec: Security, client: OAuthClient, scope: str | None) ->
     if any(s in ("openid", "offline_access") for s in scopes):
         raise OAuthError("invalid_scope", "openid and offline_access need a user.")
     token, expires_in = sec.tokens.issue_client_token(client.client_id, " ".join(scopes))
-    audit.info("client credentials issued: client=%s", client.client_id)
+    audit_line(audit, "client credentials issued", client=client.client_id)
     metrics.token_issued("client_credentials")
     return TokenResponse(access_token=token, expires_in=expires_in, scope=" ".join(scopes) or None)
 
@@ -216,8 +228,8 @@ async def revoke(db: AsyncSession, sec: Security, client: OAuthClient, token: st
         return
     session.revoked_at, session.revoked_reason = utcnow(), "revoked_by_client"
     await commit_change(db, sec, session_ids=[session.id])
-    audit.info(
-        "token revoked: user=%s client=%s session=%s", session.user_id, client.client_id, session.id
+    audit_line(
+        audit, "token revoked", user=session.user_id, client=client.client_id, session=session.id
     )
 
 

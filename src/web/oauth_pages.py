@@ -36,6 +36,7 @@ from src.auth.browser import (
 from src.auth.challenge import BROWSER, amr_for, issue_ticket, open_ticket
 from src.auth.context import Security
 from src.auth.service import ClientInfo
+from src.config.logging import audit_line
 from src.config.settings import Settings
 from src.db.models import User
 from src.db.types import utcnow
@@ -396,7 +397,7 @@ async def _start_browser_session(
     )
     auth_service.record_sign_in(db, sec, session, who, "sign_in_page")
     await commit_change(db, sec, [user.id], ended)
-    audit.info("browser sign-in: user=%s ip=%s session=%s", user.id, who.ip, session.id)
+    audit_line(audit, "browser sign-in", user=user.id, ip=who.ip, session=session.id)
     return _NewSignIn(BrowserSignIn(session=session, user=user), cookie)
 
 
@@ -416,11 +417,11 @@ async def consent(
         return _signin_page(request, settings, auth.raw, "", auth)
     if form.get("decision") != "allow":
         denied = RedirectError(auth, "access_denied", "The user did not allow the request.")
-        audit.info("consent denied: user=%s client=%s", signin_.user.id, auth.client.client_id)
+        audit_line(audit, "consent denied", user=signin_.user.id, client=auth.client.client_id)
         return redirect(error_url(settings, denied), 303)
     await consents.grant(db, signin_.user.id, auth.client.client_id, set(auth.scopes))
     await db.commit()
-    audit.info("consent granted: user=%s client=%s", signin_.user.id, auth.client.client_id)
+    audit_line(audit, "consent granted", user=signin_.user.id, client=auth.client.client_id)
     auth = without_prompt(auth, "consent")
     return await _next_step(request, db, settings, auth, signin_, status=303)
 
@@ -464,7 +465,7 @@ async def logout(
     signin_ = await current_browser_session(db, _cookie(request, settings))
     if signin_ is not None:
         await end_browser_session(db, sec, signin_.session.id)
-        audit.info("browser sign-out: user=%s session=%s", signin_.user.id, signin_.session.id)
+        audit_line(audit, "browser sign-out", user=signin_.user.id, session=signin_.session.id)
     response = _after_logout(request, logout_)
     clear_session_cookie(response, settings)
     return response

@@ -38,6 +38,7 @@ from src.auth.browser import BrowserSignIn, cookie_name, current_browser_session
 from src.auth.challenge import BROWSER, MAX_TICKET_LENGTH, open_ticket
 from src.auth.context import Security
 from src.auth.service import ClientInfo
+from src.config.logging import audit_line
 from src.config.settings import Settings
 from src.db.models import User
 from src.errors import DomainError, NotFound, TooManyRequests
@@ -435,7 +436,7 @@ async def signin_with_passkey(
             return _authz_refusal(auth)
         token = _text(body, "challenge_token", passkeys.MAX_CHALLENGE_TOKEN, required=True)
         asserted = await passkeys.verify_assertion(db, sec, _credential(body), token, user=None)
-        audit.info("passkey sign-in: user=%s ip=%s", asserted.user.id, who.ip)
+        audit_line(audit, "passkey sign-in", user=asserted.user.id, ip=who.ip)
         return await _signed_in_answer(
             request, db, sec, settings, asserted.user, who, auth, ["hwk", "mfa"]
         )
