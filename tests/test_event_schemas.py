@@ -277,8 +277,9 @@ async def _run_flow(app: FastAPI, client: httpx.AsyncClient, admin: dict[str, st
     ]
     # One of its sessions ended by an administrator (user.session_revoked).
     await login(client, other["email"])
-    sessions = _ok(await client.get(f"{API}/users/{oid}/sessions", headers=admin))
-    revoke = f"{API}/users/{oid}/sessions/{sessions[0]['id']}"
+    sessions = await client.get(f"{API}/users/{oid}/sessions", headers=admin)
+    assert sessions.status_code == 200, sessions.text
+    revoke = f"{API}/users/{oid}/sessions/{sessions.json()[0]['id']}"
     _ok(await client.delete(revoke, headers=admin), 204)
     for change in admin_changes:
         _ok(await client.patch(f"{API}/users/{oid}", json=change, headers=admin))

@@ -839,7 +839,8 @@ async def test_the_command_line_creates_lists_and_deletes_clients(
     assert_unauthenticated(await client.get(f"{API}/users/me", headers=bearer(tokens)))
 
     assert [r.split("\t")[0] for r in (await cli("clients", "list")).stdout.splitlines()] == [
-        public_id
+        CONSOLE_CLIENT_ID,
+        public_id,
     ]
     events = await _events(app, str(row.id))
     assert [e.type for e in events] == ["client.created", "client.deleted"]

@@ -9,11 +9,13 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pyotp
+import pytest
 import pytest_asyncio
 from fastapi import FastAPI
 from sqlalchemy import select
@@ -24,6 +26,7 @@ from src.app.container import app_services
 from src.config.settings import Settings
 from src.db.models import OAuthClient, UserSession
 from src.oauth.clients import CONSOLE_CLIENT_ID
+from src.web import csrf
 from src.web.admin.session import read_tokens, set_tokens
 from tests.support.app import PASSWORD, bearer, login, register, running_app, unique_email
 from tests.support.auth import outbox
@@ -55,7 +58,14 @@ def _path(location: str) -> str:
     return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
-async def sign_in(client: httpx.AsyncClient, email: str, password: str) -> httpx.Response:
+async def sign_in(
+    client: httpx.AsyncClient,
+    email: str,
+    password: str,
+    *,
+    base: str = BASE,
+    pending_cookie: str = PENDING_COOKIE,
+) -> httpx.Response:
     """From /admin to the console's answer at the callback, as a browser would go."""
     first = await client.get("/admin/users?q=x")
     assert first.status_code == 303, first.text
@@ -66,8 +76,8 @@ async def sign_in(client: httpx.AsyncClient, email: str, password: str) -> httpx
     query = parse_qs(urlsplit(authorize).query)
     assert query["client_id"] == [CONSOLE_CLIENT_ID]
     assert query["code_challenge_method"] == ["S256"]
-    assert query["redirect_uri"] == [f"{BASE}/admin/callback"]
-    pending = attributes(cookie_header(start, PENDING_COOKIE))
+    assert query["redirect_uri"] == [f"{base}/admin/callback"]
+    pending = attributes(cookie_header(start, pending_cookie))
     assert pending["httponly"] is True and pending["samesite"] == "lax"
     page = await client.get(_path(authorize))
     assert page.status_code == 200, page.text
@@ -76,7 +86,7 @@ async def sign_in(client: httpx.AsyncClient, email: str, password: str) -> httpx
         "/account/signin", data={**fields, "email": email, "password": password}
     )
     assert answer.status_code == 303, answer.text
-    assert answer.headers["location"].startswith(f"{BASE}/admin/callback?")
+    assert answer.headers["location"].startswith(f"{base}/admin/callback?")
     return await client.get(_path(answer.headers["location"]))
 
 
@@ -371,3 +381,101 @@ async def test_a_change_the_api_wants_a_fresh_sign_in_for_asks_for_the_password_
     assert parse_qs(urlsplit(start.headers["location"]).query)["prompt"] == ["login"]
     # Nothing changed.
     assert (await client.get(f"/api/v1/users/{user['id']}", headers=api)).json()["is_active"]
+
+
+ADMIN_TEMPLATES = sorted((Path(csrf.__file__).parent / "templates" / "admin").glob("*.html"))
+
+
+@pytest.mark.parametrize("path", ADMIN_TEMPLATES, ids=lambda p: p.name)
+def test_console_templates_hold_nothing_the_policy_refuses(path: Path) -> None:
+    """As tests/web/test_templates.py checks the hosted pages: no inline script, style or
+    handler; every URL a path on this service; every POST form with its CSRF token."""
+    text = path.read_text()
+    external = '<script src="{{ src }}" defer></script>'
+    assert "<script" not in text.lower().replace(external.lower(), "")
+    assert "<style" not in text.lower()
+    assert re.search(r"\sstyle\s*=", text, re.IGNORECASE) is None
+    assert re.search(r"\son[a-z]+\s*=", text, re.IGNORECASE) is None
+    assert "javascript:" not in text.lower()
+    for url in re.findall(r'(?:href|src|action)="([^"{]+)"', text):
+        assert url.startswith("/") or url.startswith("#"), url
+    assert text.count('method="post"') == text.count("ui.csrf(csrf_token)")
+    assert text.count("<form") == text.count('method="post"') + text.count('method="get"')
+
+
+async def test_the_health_panel_script_is_told_to_sign_in_rather_than_redirected(
+    console_app: Console,
+) -> None:
+    _, client, _ = console_app
+    fragment = await client.get("/admin/health/panel", headers={"X-Admin-Fragment": "1"})
+    assert fragment.status_code == 401 and fragment.text == ""
+    page = await client.get("/admin/health/panel")
+    assert page.status_code == 303 and page.headers["location"].startswith("/admin/signin?")
+
+
+async def test_second_factors_are_listed_and_reset_in_the_admins_name(
+    console_app: Console,
+) -> None:
+    app, client, admin_email = console_app
+    await sign_in(client, admin_email, ADMIN_PASSWORD)
+    user = await register(client, unique_email("lost-phone"))
+    auth = bearer(await login(client, user["email"]))
+    started = await client.post(
+        "/api/v1/users/me/mfa/totp", json={"name": "Old phone"}, headers=auth
+    )
+    confirm = f"/api/v1/users/me/mfa/totp/{started.json()['factor_id']}/confirm"
+    code = {"code": pyotp.TOTP(started.json()["secret"]).now()}
+    assert (await client.post(confirm, json=code, headers=auth)).status_code == 200
+    page = await client.get(f"/admin/users/{user['id']}")
+    assert "Old phone" in page.text and "10 unused recovery codes" in page.text
+    action = f"/admin/users/{user['id']}/factors/reset"
+    reset = await client.post(action, data=form_at(page, action).fields)
+    assert reset.status_code == 303 and reset.headers["location"].endswith("done=factors-reset")
+    after = await client.get(reset.headers["location"])
+    assert "Old phone" not in after.text and "signs in with its password only" in after.text
+    [event] = await outbox(app, user["id"], "user.mfa_reset")
+    assert event.payload["actor_id"] == await _user_id(client, admin_email, app)
+
+
+async def test_sign_out_revokes_the_tokens_so_a_copy_of_the_cookie_is_useless(
+    console_app: Console,
+) -> None:
+    app, client, admin_email = console_app
+    await sign_in(client, admin_email, ADMIN_PASSWORD)
+    copy = client.cookies[TOKENS_COOKIE]
+    page = await client.get("/admin/users")
+    out = await client.post("/admin/signout", data=form_at(page, "/admin/signout").fields)
+    assert out.status_code == 200 and "Signed out of the console" in out.text
+    assert TOKENS_COOKIE not in client.cookies
+    client.cookies.set(TOKENS_COOKIE, copy)
+    again = await client.get("/admin/users")
+    assert again.status_code == 303 and again.headers["location"].startswith("/admin/signin")
+    # Even once expired and refreshed: the refresh token died with the session.
+    client.cookies.set(TOKENS_COOKIE, _stale_tokens(app, client))
+    stale = await client.get("/admin/users")
+    assert stale.status_code == 303 and stale.headers["location"].startswith("/admin/signin")
+
+
+async def test_over_https_the_cookies_are_host_only_and_secure(
+    make_settings: Callable[..., Settings], clean_db: None
+) -> None:
+    base = "https://console.example"
+    admin_email = unique_email("admin")
+    settings = make_settings(
+        PUBLIC_BASE_URL=base, FIRST_ADMIN_EMAIL=admin_email, FIRST_ADMIN_PASSWORD=ADMIN_PASSWORD
+    )
+    async with running_app(settings) as (app, _):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
+            done = await sign_in(
+                client,
+                admin_email,
+                ADMIN_PASSWORD,
+                base=base,
+                pending_cookie="__Host-ums_admin_signin",
+            )
+            assert done.status_code == 200, done.text
+            tokens = attributes(cookie_header(done, "__Host-ums_admin"))
+            assert tokens["secure"] is True and tokens["path"] == "/" and "domain" not in tokens
+            assert tokens["samesite"] == "strict" and tokens["httponly"] is True
+            assert (await client.get("/admin/users")).status_code == 200

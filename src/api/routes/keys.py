@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from src.api.dependencies import AdminUser, RecentAdmin, SecurityDep, SessionDep
 from src.api.errors import PROBLEM, Responses
 from src.auth import keys
+from src.config.logging import audit_line
 from src.errors import Conflict, DomainError
 
 router = APIRouter(prefix="/keys", tags=["keys"])
@@ -84,12 +85,13 @@ async def rotate_keys(
     except keys.KeyRingError as exc:
         raise KeyUnavailable(f"The key ring cannot be used: {exc}.") from None
     sec.tokens.set_keys(active, published)
-    audit.info(
-        "signing keys rotated: active=%s retired=%s force=%s actor=%s",
-        rotation.active.kid,
-        rotation.retired.kid,
-        force,
-        admin.id,
+    audit_line(
+        audit,
+        "signing keys rotated",
+        active=rotation.active.kid,
+        retired=rotation.retired.kid,
+        force=force,
+        actor=admin.id,
     )
     return KeyRotation(
         active=SigningKeyPublic.model_validate(rotation.active),

@@ -63,7 +63,7 @@ async def search(request: Request) -> Response:
     )
 
 
-async def _actors(console: Console, events: list[dict[str, Any]]) -> dict[str, str]:
+async def actor_emails(console: Console, events: list[dict[str, Any]]) -> dict[str, str]:
     """Who each event's ``actor_id`` is (their address), looked up once per admin."""
     found: dict[str, str] = {}
     for event in events:
@@ -110,7 +110,7 @@ async def user_page(
             "sessions": sessions,
             "factors": factors,
             "events": events,
-            "actors": await _actors(console, events),
+            "actors": await actor_emails(console, events),
             "is_self": str(user_id) == console.tokens.user_id,
             "error": error,
         },
