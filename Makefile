@@ -19,8 +19,9 @@ install: $(STAMP)
 migrate: $(STAMP)
 	$(BIN)/alembic upgrade head
 
+# In development, with the servers .env does not name (README, "Development stack").
 run: migrate
-	$(BIN)/uvicorn src.main:app --host $(HOST) --port $(PORT) --no-proxy-headers
+	$(BIN)/python -m src.dev --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)

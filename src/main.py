@@ -22,6 +22,7 @@ from src.api.routes.metrics import install_metrics
 from src.config.events import lifespan
 from src.config.logging import configure_logging
 from src.config.settings import Settings, load_settings
+from src.dev.mail_page import install_dev_mail
 from src.services.connections import Connections
 from src.services.metrics import http_metrics
 from src.web.install import install_pages
@@ -92,6 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_pages(app)
     install_docs(app)
     install_metrics(app, settings)
+    # /dev/mail, the development mail catcher's inbox: only in development (src/dev).
+    install_dev_mail(app, settings)
     return app
 
 

@@ -32,6 +32,8 @@ LAYERS = [
     "cli",
     "api",
     "web",
+    # The development stack (make run): its /dev/mail page renders with src.web.
+    "dev",
     "main",
     "__main__",
 ]

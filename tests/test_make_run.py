@@ -1,75 +1,117 @@
-"""The first thing a newcomer does: ``make run``, on SQLite, then sign up and sign in.
+"""``make run`` on a machine whose settings name its own servers: those are used, nothing else.
 
-The real command, as the README gives it (only the port, the database file and the data folder
-are moved to a scratch directory, and Redis and Kafka are left absent, as on a fresh machine),
-driven over a real socket. Row locks do nothing on SQLite, so the guarantees that need them are
-tested on PostgreSQL elsewhere (README, "Which guarantees need PostgreSQL").
+The real command, as the README gives it, in a scratch copy of the checkout
+(``tests.support.make_run``), on SQLite, with Redis, a Kafka-protocol broker and an SMTP server
+of the test's own named in the environment (as a ``.env`` would): the launcher must start none
+of its development servers, and the service must be healthy on the named ones. Then the
+newcomer's sign-up and sign-in over a real socket, and the admin guard with the first admin the
+environment names. Row locks do nothing on SQLite, so the guarantees that need them are tested
+on PostgreSQL elsewhere (README, "Which guarantees need PostgreSQL"). ``tests/test_dev_stack.py``
+covers the fresh clone, where nothing is named.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.servers import free_port, wait_for_port
+from tests.support.app import OPERATOR_TOKEN
+from tests.support.make_run import base_environment, make_run, scratch_checkout
+from tests.support.servers import (
+    KafkaBroker,
+    RedisServer,
+    free_port,
+    wait_for_port,
+    wait_for_port_closed,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_EMAIL = "first-admin@example.com"
 ADMIN_PASSWORD = "a first admin password"
 PASSWORD = "a newcomer's long password"
+TOPICS = ("user-events", "user-notifications")
 
 
 @contextlib.contextmanager
-def make_run(tmp_path: Path) -> Iterator[str]:
-    """``make run`` in its own process group (make starts uvicorn as a child); its base URL."""
+def smtp_server(directory: Path) -> Iterator[int]:
+    """An SMTP server of the machine's (the development catcher, run by hand); its port."""
     port = free_port()
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", str(tmp_path)),
-        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'app.db'}",
-        "DATA_DIR": str(tmp_path / "data"),
-        "REDIS_PORT": str(free_port()),  # nothing there: the service runs without it
-        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
-        "FIRST_ADMIN_EMAIL": ADMIN_EMAIL,
-        "FIRST_ADMIN_PASSWORD": ADMIN_PASSWORD,
-    }
-    log = (tmp_path / "make-run.log").open("wb")
     process = subprocess.Popen(
-        ["make", "run", f"PORT={port}"],
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        [sys.executable, "-m", "src.dev.catcher", "--port", str(port), "--directory", directory],
+        stdout=subprocess.DEVNULL,
     )
     try:
-        try:
-            wait_for_port(port, timeout=90)  # migrations first, then imports, on a busy machine
-        except TimeoutError:
-            pytest.fail((tmp_path / "make-run.log").read_text()[-3000:])
-        yield f"http://127.0.0.1:{port}"
+        wait_for_port(port)
+        yield port
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
+        process.terminate()
+        process.wait(timeout=10)
 
 
-def test_make_run_serves_sign_up_sign_in_and_the_admin_guard(tmp_path: Path) -> None:
-    with make_run(tmp_path) as base, httpx.Client(base_url=base, timeout=30) as client:
-        health = client.get("/api/v1/health").json()
-        assert health["checks"]["database"] == {"status": "healthy"}
+@pytest.fixture
+def own_servers(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Redis, a broker (its topics made) and SMTP, named the way a .env would name them."""
+    redis, broker = RedisServer(), KafkaBroker()
+    redis.start()
+    broker.start()
+    try:
+        for topic in TOPICS:
+            broker.create_topic(topic, 3)
+        with smtp_server(tmp_path / "mail") as smtp_port:
+            yield {
+                "REDIS_HOST": "127.0.0.1",
+                "REDIS_PORT": str(redis.port),
+                "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+                "KAFKA_ENABLE_IDEMPOTENCE": "false",
+                "SMTP_HOST": "127.0.0.1",
+                "SMTP_PORT": str(smtp_port),
+                "SMTP_SECURITY": "none",
+            }
+    finally:
+        broker.kill()  # tansu lingers on SIGTERM while clients are connected; it keeps nothing
+        redis.stop()
+
+
+def test_make_run_uses_the_configured_servers_and_starts_nothing_else(
+    tmp_path: Path, own_servers: dict[str, str]
+) -> None:
+    checkout = scratch_checkout(tmp_path / "clone")
+    port = free_port()
+    env = {
+        **base_environment(tmp_path),
+        **own_servers,
+        "FIRST_ADMIN_EMAIL": ADMIN_EMAIL,
+        "FIRST_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "HEALTH_DETAILS_TOKEN": OPERATOR_TOKEN,
+    }
+    with (
+        make_run(checkout, port, env, tmp_path / "make-run.log") as run,
+        httpx.Client(base_url=run.base_url, timeout=30) as client,
+    ):
+        operator = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+        deadline = time.monotonic() + 90
+        while (report := client.get("/api/v1/health", headers=operator).json())[
+            "status"
+        ] != "healthy":
+            assert time.monotonic() < deadline, report
+            time.sleep(0.2)
+        assert report["checks"]["redis"]["details"]["target"] == (
+            f"redis://127.0.0.1:{own_servers['REDIS_PORT']}/0"
+        )
+        assert report["checks"]["mail"]["status"] == "healthy"
+        # Below make: the launcher and the service, nothing it would start in their absence.
+        commands = list(run.processes().values())
+        assert len(commands) == 2, commands
+        assert not [c for c in commands if "tansu" in c or "redis-server" in c or "catcher" in c]
+        for line in ("Kafka  yours", "Redis  yours", "Mail   yours"):
+            assert line in run.log()
+        assert client.get("/dev/mail").status_code == 404  # no catcher of ours, no page
 
         email = "newcomer@example.com"
         registered = client.post(
@@ -93,4 +135,10 @@ def test_make_run_serves_sign_up_sign_in_and_the_admin_guard(tmp_path: Path) -> 
         assert listing.status_code == 200
         assert {item["email"] for item in listing.json()["items"]} >= {email, ADMIN_EMAIL}
         assert client.get("/docs").status_code == 200
-    assert "Traceback" not in (tmp_path / "make-run.log").read_text()
+
+        run.interrupt()
+        assert run.survivors() == {}
+        wait_for_port_closed(port)
+    assert "Traceback" not in run.log()
+    # The first admin came from the environment: no .env was generated, no password shown.
+    assert not (checkout / ".env").exists()

@@ -335,8 +335,8 @@ class Settings(BaseSettings):
     # With several server processes set PROMETHEUS_MULTIPROC_DIR to an empty directory (created
     # and emptied before the processes start), so one scrape counts all of them.
     METRICS: Literal["off", "open", "token"] = "off"
-    # The bearer token of METRICS=token (required then; at least 32 characters), compared in
-    # constant time.
+    # The bearer token of METRICS=token (required then; at least 32 characters, only ASCII
+    # letters, digits and - . _ ~ + / =, e.g. `openssl rand -hex 32`), compared in constant time.
     METRICS_TOKEN: SecretStr | None = Field(default=None, validate_default=True)
     # 0 serves /metrics on the main port; another port serves it there only, on a small server of
     # its own bound to METRICS_HOST, so it can be kept off the public listener.
@@ -344,6 +344,19 @@ class Settings(BaseSettings):
     # The address the separate metrics server (METRICS_PORT) listens on; give it the host the
     # service itself is bound to.
     METRICS_HOST: str = "127.0.0.1"
+
+    # --- development stack (`make run`, README "Development stack") ----------------------------
+    # What `make run` (python -m src.dev) starts next to the service with ENVIRONMENT=development:
+    # auto starts, on free loopback ports, each server the settings leave at its default (a
+    # Kafka-protocol broker while KAFKA_BOOTSTRAP_SERVERS is, Redis while REDIS_HOST, REDIS_PORT,
+    # REDIS_URL and REDIS_SENTINELS are, a mail catcher while SMTP_HOST is unset; disabled ones
+    # never) and stops them with the service; off starts nothing. Never anything outside
+    # development.
+    DEV_STACK: Literal["auto", "off"] = "auto"
+    # The folder the development mail catcher writes each mail it receives to; when set (and
+    # only with ENVIRONMENT=development) the service shows those mails at /dev/mail. `make run`
+    # sets it to DATA_DIR/dev/mail when it starts the catcher.
+    DEV_MAIL_DIR: Path | None = None
 
     @field_validator("METRICS_TOKEN")
     @classmethod
@@ -353,6 +366,13 @@ class Settings(BaseSettings):
         # Guessable by brute force when short, like any other bearer secret.
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("must be at least 32 characters long")
+        # What a scraper can send after "Bearer " (RFC 6750 b64token). Anything else (a line end
+        # a secret file left, a space, a non-ASCII letter) would make every scrape a 401.
+        if value is not None and not all(
+            char.isascii() and (char.isalnum() or char in "-._~+/=")
+            for char in value.get_secret_value()
+        ):
+            raise ValueError("may hold only ASCII letters, digits and - . _ ~ + / =")
         return value
 
     @field_validator("KAFKA_BOOTSTRAP_SERVERS")
