@@ -361,7 +361,9 @@ class RequestIdMiddleware:
     times the whole of it. The client's id is kept when well-formed, so a request can be followed
     from a gateway that already set one; a malformed one is replaced rather than refused (the id
     is for us, and a bad one must not cost the client its answer). Lines for ``quiet_paths``
-    (health probes, every few seconds from an orchestrator) are written at DEBUG, not INFO.
+    (health probes and scrapes, every few seconds from an orchestrator) are written at DEBUG, not
+    INFO, unless refused for want of credentials (401, 403): a caller guessing the metrics token
+    must show.
     The same route, status and duration feed the request metrics when ``metrics`` is given.
     """
 
@@ -410,7 +412,9 @@ class RequestIdMiddleware:
             if self.metrics is not None:
                 self.metrics.observe(method, template, status, elapsed)
             access_logger.log(
-                logging.DEBUG if path in self.quiet_paths else logging.INFO,
+                logging.DEBUG
+                if path in self.quiet_paths and status not in (401, 403)
+                else logging.INFO,
                 "request",
                 extra={
                     "method": method,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 
 from src.cli.support import OK, USAGE, Connected, fail, guarded
 from src.db.session import create_sessionmaker
@@ -71,6 +72,29 @@ def _address(text: str) -> str | None:
     return canonical_email(text)
 
 
+def _escape(char: str) -> str:
+    """``char`` as a JSON escape (a surrogate pair above U+FFFF)."""
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def terminal_safe_json(document: object) -> str:
+    """``document`` as readable JSON (letters of any script kept) in which no control or
+    formatting character is left raw: names and user agents are chosen by callers, and a C1
+    control (a one-byte CSI or OSC) or a bidirectional override printed to the operator's
+    terminal could rewrite the screen or what it appears to say. Escaped, they mean the same to
+    any JSON reader."""
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    # json.dumps escapes C0 controls inside strings already: a raw newline is indentation.
+    return "".join(
+        _escape(char) if char != "\n" and unicodedata.category(char) in ("Cc", "Cf") else char
+        for char in text
+    )
+
+
 async def export_command(args: argparse.Namespace) -> int:
     if _address(args.email) is None:
         return fail(f"invalid: {args.email!r} is not an email address", USAGE)
@@ -81,7 +105,7 @@ async def export_command(args: argparse.Namespace) -> int:
                 document = await privacy.export_user(db, args.email)
             except privacy.NoSuchUser:
                 return fail(f"no such user: {args.email}")
-        print(json.dumps(document, indent=2, ensure_ascii=False))
+        print(terminal_safe_json(document))
         return OK
 
     return await guarded(work)

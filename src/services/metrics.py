@@ -381,6 +381,14 @@ def process_exiting() -> None:
 
 _MAX_REQUEST_HEAD = 16384
 _READ_TIMEOUT = 5.0
+# Connections served at once; any beyond are closed at once, unanswered. Each holds a file
+# descriptor for up to _READ_TIMEOUT: without a bound, a caller opening connections faster than
+# they time out would take every descriptor of the process, and with them the main port, the
+# database and Redis. A scraper needs one.
+MAX_CONNECTIONS = 32
+# How long an answer may take to be sent: a client that never reads it is let go after this,
+# not held (its connection counted against MAX_CONNECTIONS) for ever.
+_WRITE_TIMEOUT = 10.0
 
 
 def _problem(status: int, title: str, detail: str) -> bytes:
@@ -422,6 +430,9 @@ async def _answer(
         headers += [("Content-Type", "application/problem+json"), ("Allow", "GET, HEAD")]
     elif not authorized(settings, authorization):
         status, reason = 401, "Unauthorized"
+        # As the main port's access line does for a refused scrape: someone guessing shows.
+        peer = writer.get_extra_info("peername") or ("unknown",)
+        logger.info("metrics request refused with 401: no valid bearer token (from %s)", peer[0])
         body = _problem(401, reason, UNAUTHORIZED_DETAIL)
         headers += [("Content-Type", "application/problem+json"), ("WWW-Authenticate", CHALLENGE)]
     else:
@@ -430,9 +441,15 @@ async def _answer(
         headers.append(("Content-Type", CONTENT_TYPE))
     headers += [("Content-Length", str(len(body))), ("Connection", "close")]
     text = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    # Drained to the last byte (high-water mark 0), so nothing is left to send after close().
+    writer.transport.set_write_buffer_limits(high=0)
     writer.write(text.encode("latin-1") + b"\r\n" + (b"" if method == "HEAD" else body))
-    with contextlib.suppress(OSError):
-        await writer.drain()
+    try:
+        async with asyncio.timeout(_WRITE_TIMEOUT):
+            await writer.drain()
+    except (TimeoutError, OSError):
+        writer.transport.abort()
+        return
     writer.close()
 
 
@@ -441,18 +458,28 @@ async def start_metrics_server(
 ) -> asyncio.Server | None:
     """Serve /metrics on METRICS_HOST:METRICS_PORT, one request per connection.
 
-    Deliberately tiny (a request line and headers, no body, no keep-alive): Prometheus asks for
-    one page every few seconds. With several server processes only one can hold the port; the
-    others leave it to that one (in multi-process mode it reports for all of them), and one of
-    them takes it over when that process is replaced. ``None`` when the port is taken.
+    Deliberately tiny (a request line and headers, no body, no keep-alive, at most
+    ``MAX_CONNECTIONS`` at once): Prometheus asks for one page every few seconds. With several
+    server processes only one can hold the port; the others leave it to that one (in
+    multi-process mode it reports for all of them), and one of them takes it over when that
+    process is replaced. ``None`` when the port is taken.
     """
 
+    serving = 0
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal serving
+        if serving >= MAX_CONNECTIONS:
+            writer.transport.abort()
+            return
+        serving += 1
         try:
             await _answer(reader, writer, settings, backlog)
         except Exception:  # one bad scrape must not end the listener
             logger.debug("metrics request failed", exc_info=True)
             writer.close()
+        finally:
+            serving -= 1
 
     try:
         server = await asyncio.start_server(

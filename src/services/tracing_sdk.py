@@ -51,6 +51,12 @@ _PROBES = "api/v1/health/live,api/v1/health/ready"
 _EXCLUDED_URLS_VARIABLES = ("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS")
 # Span attributes that hold the request's query string, per semantic conventions version.
 _WITH_QUERY = ("http.url", "url.full", "http.target")
+# Headers whose values never reach a span, whatever the operator captures
+# (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_*): credentials, session cookies, and the
+# places a one-time link's token or an authorization code travels (a redirect's Location, the
+# Referer of a form posted from a reset page). Patterns, matched anywhere in the name.
+SANITIZED_HEADERS = ("authorization", "cookie", "token", "secret", "location", "referer")
+_SANITIZE_VARIABLE = "OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS"
 # Flushing the last spans at shut-down waits for the collector, at most this long.
 SHUTDOWN_TIMEOUT = 5.0
 
@@ -121,6 +127,13 @@ def _excluded_urls() -> str | None:
     return _PROBES
 
 
+def _sanitized_headers() -> list[str]:
+    """The operator's list of headers to redact plus ours: theirs adds to ours, never replaces
+    it (the instrumentation would otherwise take either one or the other)."""
+    theirs = [name.strip() for name in os.environ.get(_SANITIZE_VARIABLE, "").split(",")]
+    return [*SANITIZED_HEADERS, *(name for name in theirs if name)]
+
+
 def _origin(row: OutboxEvent) -> Context | None:
     """The context of the request that recorded ``row``, if it was traced."""
     if not row.trace_context:
@@ -178,6 +191,7 @@ class OpenTelemetryTracing:
             tracer_provider=self.provider,
             server_request_hook=_hide_query,
             excluded_urls=_excluded_urls(),
+            http_capture_headers_sanitize_fields=_sanitized_headers(),
             # A span per ASGI message read or written: noise in every trace.
             exclude_spans=["receive", "send"],
         )

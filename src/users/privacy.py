@@ -47,9 +47,15 @@ class NoSuchUser(NotFound):
         super().__init__("No such user.")
 
 
-async def find_user(db: AsyncSession, email: str) -> User:
+async def find_user(db: AsyncSession, email: str, *, lock: bool = False) -> User:
+    """The account of ``email``; with ``lock``, its row locked until the transaction ends."""
     address = canonical_email(email)
-    user = await repository.get_user_by_email(db, address) if address else None
+    if address is None:
+        raise NoSuchUser()
+    if lock:
+        user = await db.scalar(select(User).where(User.email == address).with_for_update())
+    else:
+        user = await repository.get_user_by_email(db, address)
     if user is None:
         raise NoSuchUser()
     return user
@@ -222,7 +228,9 @@ async def erase_user(engine: AsyncEngine, deps: AccountDeps, email: str) -> Eras
             autoflush=False,
         )
         try:
-            user = await find_user(db, email)
+            # Locked: a second erasure of the same account at the same time waits here, then
+            # finds no account, instead of deleting nothing and recording the events again.
+            user = await find_user(db, email, lock=True)
             uid = user.id
             sessions = list(
                 await db.scalars(select(UserSession.id).where(UserSession.user_id == uid))
