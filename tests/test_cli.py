@@ -431,3 +431,18 @@ def test_serve_gives_several_workers_an_empty_metrics_directory(
     made = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
     assert made.is_dir() and not list(made.iterdir())
     made.rmdir()
+
+
+def test_an_unexpected_failure_is_one_line_and_exit_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import src.cli.migrate
+
+    def broken(args: object) -> int:
+        raise RuntimeError("the disk is on fire\nsecond line of detail")
+
+    monkeypatch.setattr(src.cli.migrate, "migrate_command", broken)
+    assert main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err == "user-service: failed: RuntimeError: the disk is on fire\n"
+    assert "Traceback" not in err

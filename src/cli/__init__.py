@@ -67,3 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a stack trace
+        # Each command turns the failures it expects into a sentence; this is for the rest.
+        # Database errors never carry their parameters (hide_parameters), so the text is safe.
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        print(
+            f"{PROG}: failed: {type(exc).__name__}{': ' + reason if reason else ''}",
+            file=sys.stderr,
+        )
+        return 1
