@@ -235,6 +235,26 @@ async def clean_db(database_url: str) -> None:
 
 
 @pytest_asyncio.fixture
+async def empty_database(database_url: str) -> AsyncIterator[str]:
+    """A database of its own next to the run's, never migrated (migration tests go up and down
+    in it); dropped after the test."""
+    admin = _to_asyncpg_dsn(database_url)
+    name = f"ums_empty_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    base, _, _ = database_url.rpartition("/")
+    yield f"{base}/{name}"
+    conn = await asyncpg.connect(admin)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
 async def admin_app(
     make_settings: SettingsFactory, clean_db: None
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, dict[str, str]]]:

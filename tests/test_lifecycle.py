@@ -12,16 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
 
 from src.app.container import app_services
 from src.config.events import StartupError
@@ -295,26 +290,10 @@ async def test_unmigrated_sqlite_database_fails_start_up(
     assert "not migrated" in str(error)
 
 
-@pytest.fixture
-async def empty_postgres_url(database_url: str) -> AsyncIterator[str]:
-    """An empty (never migrated) database on the test PostgreSQL server."""
-    name = f"ums_empty_{uuid.uuid4().hex[:12]}"
-    # CREATE/DROP DATABASE cannot run in a transaction; any database on the server will do.
-    engine = create_async_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        async with engine.connect() as conn:
-            await conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield urlparse(database_url)._replace(path=f"/{name}").geturl()
-        async with engine.connect() as conn:
-            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        await engine.dispose()
-
-
 async def test_unmigrated_postgres_database_fails_start_up(
-    make_settings: SettingsFactory, empty_postgres_url: str
+    make_settings: SettingsFactory, empty_database: str
 ) -> None:
-    error = await _expect_startup_failure(make_settings(DATABASE_URL=empty_postgres_url), BOUND)
+    error = await _expect_startup_failure(make_settings(DATABASE_URL=empty_database), BOUND)
     assert "not migrated" in str(error)
     assert "alembic upgrade head" in str(error)
 

@@ -25,10 +25,8 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
-import pytest_asyncio
 import sqlalchemy
 from aiokafka import AIOKafkaProducer
-from alembic import command
 from asgi_lifespan import LifespanManager
 from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka
 from cloudevents.core.formats.json import JSONFormat
@@ -59,7 +57,6 @@ from src.app.container import app_services
 from src.app.wiring import StartupError
 from src.config.settings import SettingsError
 from src.db.models import OutboxEvent
-from src.db.session import alembic_config
 from src.events.outbox import EventType
 from src.main import create_app
 from src.services.connections import get_redis_from_app
@@ -69,6 +66,7 @@ from tests.conftest import SettingsFactory
 from tests.support.app import bearer, eventually, login, register, unique_email
 from tests.support.auth import QUICK_SETTINGS
 from tests.support.events import USER_EVENTS, Record, wait_for_records
+from tests.support.migrations import migrate_to
 
 API = "/api/v1"
 ENVELOPE_SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "events" / "envelope.schema.json"
@@ -538,30 +536,6 @@ async def test_the_app_refuses_to_start_with_tracing_on_and_no_extra(
 # --- the migration -------------------------------------------------------------------------------
 
 
-@pytest_asyncio.fixture
-async def empty_database(database_url: str) -> AsyncIterator[str]:
-    """A database of its own next to the run's (the migration goes up and down in it)."""
-    admin = database_url.replace("postgresql+asyncpg://", "postgresql://", 1)
-    name = f"ums_tracing_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    base, _, _ = database_url.rpartition("/")
-    yield f"{base}/{name}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
-async def _migrate(url: str, revision: str, down: bool = False) -> None:
-    step = command.downgrade if down else command.upgrade
-    await asyncio.to_thread(step, alembic_config(url), revision)
-
-
 async def _columns(conn: asyncpg.Connection) -> set[str]:
     rows = await conn.fetch(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'outbox'"
@@ -585,12 +559,12 @@ async def _insert(conn: asyncpg.Connection, **extra: str) -> uuid.UUID:
 
 
 async def test_the_trace_context_column_migrates_up_and_down(empty_database: str) -> None:
-    await _migrate(empty_database, "0006")
+    await migrate_to(empty_database, "0006")
     conn = await asyncpg.connect(empty_database.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         assert "trace_context" not in await _columns(conn)
         before = await _insert(conn)
-        await _migrate(empty_database, "0007")
+        await migrate_to(empty_database, "0007")
         assert "trace_context" in await _columns(conn)
         # Older rows have none; a new one keeps what it is given.
         assert await conn.fetchval("SELECT trace_context FROM outbox WHERE id = $1", before) is None
@@ -599,10 +573,10 @@ async def test_the_trace_context_column_migrates_up_and_down(empty_database: str
         stored = await conn.fetchval("SELECT trace_context FROM outbox WHERE id = $1", after)
         assert json.loads(stored) == context
 
-        await _migrate(empty_database, "0006", down=True)
+        await migrate_to(empty_database, "0006", down=True)
         assert "trace_context" not in await _columns(conn)
         assert await conn.fetchval("SELECT count(*) FROM outbox") == 2  # the events stay
-        await _migrate(empty_database, "head")
+        await migrate_to(empty_database, "head")
         assert "trace_context" in await _columns(conn)
     finally:
         await conn.close()

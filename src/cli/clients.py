@@ -10,33 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from src.config.settings import Settings, load_settings
-from src.db.session import DATABASE_UNAVAILABLE, create_engine, create_sessionmaker, describe
-from src.errors import DomainError, InvalidInput
+from src.cli.support import OK, USAGE, Connected, fail, guarded, where
+from src.db.session import create_sessionmaker
 from src.oauth import clients as client_service
 from src.oauth.schemas import ClientCreate
-from src.services.redis_client import create_redis_client
-from src.users.cache import UserCache
-
-OK, REFUSED, USAGE = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class _Deps:
-    """What ``src.oauth.clients`` needs (a ``ClientDeps``): settings, and the cache whose session
-    entries a deletion drops so the service stops honouring them at once."""
-
-    settings: Settings
-    cache: UserCache
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -107,63 +90,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     remove.set_defaults(run=delete_client)
 
 
-def _fail(message: str, code: int = REFUSED) -> int:
-    print(message, file=sys.stderr)
-    return code
+async def _run(work: Callable[[AsyncSession, Connected], Awaitable[int]]) -> int:
+    """Run ``work`` in one session on the service's own connections (``support.guarded``: a value
+    the rules refuse is exit code 2, like any other bad usage; a refusal by the database's state —
+    taken, not found —, an unreachable or unmigrated database 1)."""
 
+    async def in_session(connection: Connected) -> int:
+        async with create_sessionmaker(connection.engine)() as db:
+            return await work(db, connection)
 
-@asynccontextmanager
-async def _connected() -> AsyncIterator[tuple[async_sessionmaker[AsyncSession], _Deps]]:
-    """A session factory and the deps for the configured database and Redis; closed after."""
-    settings = load_settings()
-    engine = create_engine(settings)
-    redis: Redis | None = create_redis_client(settings) if settings.REDIS_ENABLED else None
-
-    def cache_write_failed() -> None:
-        print(
-            "warning: could not drop the service's cached sessions in Redis; instances stop "
-            f"honouring them within AUTH_CACHE_MAX_AGE_SECONDS "
-            f"({settings.AUTH_CACHE_MAX_AGE_SECONDS:g} s)",
-            file=sys.stderr,
-        )
-
-    cache = UserCache(
-        lambda: redis,
-        ttl_seconds=settings.CACHE_TTL_SECONDS,
-        timeout=settings.HEALTH_CHECK_TIMEOUT,
-        on_write_failure=cache_write_failed,
-        max_age_seconds=settings.AUTH_CACHE_MAX_AGE_SECONDS,
-    )
-    try:
-        yield create_sessionmaker(engine), _Deps(settings, cache)
-    finally:
-        if redis is not None:
-            await redis.aclose()
-        await engine.dispose()
-
-
-async def _run(work: Callable[[AsyncSession, _Deps], Awaitable[int]]) -> int:
-    """Run ``work`` in one session: a value the rules refuse is exit code 2 (like any other bad
-    usage), a refusal by the database's state (taken, not found) or an unreachable database 1."""
-    try:
-        async with _connected() as (sessions, deps), sessions() as db:
-            return await work(db, deps)
-    except InvalidInput as exc:
-        return _fail(f"invalid: {exc.detail}{_field_errors(exc.extra)}", USAGE)
-    except DomainError as exc:
-        return _fail(f"refused: {exc.detail}")
-    except DATABASE_UNAVAILABLE as exc:
-        return _fail(f"the database is unavailable: {describe(exc)}")
-
-
-def _field_errors(extra: dict[str, Any]) -> str:
-    errors = extra.get("errors") or []
-    return "".join(f"\n  {_where(error['loc'])}: {error['msg']}" for error in errors)
-
-
-def _where(loc: Any) -> str:
-    parts = [str(part) for part in loc if part != "body"]
-    return ".".join(parts) or "input"
+    return await guarded(in_session)
 
 
 async def create_client(args: argparse.Namespace) -> int:
@@ -180,10 +116,10 @@ async def create_client(args: argparse.Namespace) -> int:
     try:
         body = ClientCreate.model_validate(fields)
     except ValidationError as exc:
-        lines = [f"  {_where(error['loc'])}: {error['msg']}" for error in exc.errors()]
-        return _fail("invalid client:\n" + "\n".join(lines), USAGE)
+        lines = [f"  {where(error['loc'])}: {error['msg']}" for error in exc.errors()]
+        return fail("invalid client:\n" + "\n".join(lines), USAGE)
 
-    async def work(db: AsyncSession, deps: _Deps) -> int:
+    async def work(db: AsyncSession, deps: Connected) -> int:
         client, secret = await client_service.create_client(db, deps, body, actor_id=None)
         print(f"client_id: {client.client_id}")
         if secret is not None:
@@ -195,7 +131,7 @@ async def create_client(args: argparse.Namespace) -> int:
 
 
 async def list_clients(args: argparse.Namespace) -> int:
-    async def work(db: AsyncSession, deps: _Deps) -> int:
+    async def work(db: AsyncSession, deps: Connected) -> int:
         cursor: str | None = None
         while True:
             page, cursor = await client_service.list_clients(db, limit=200, cursor=cursor)
@@ -211,7 +147,7 @@ async def list_clients(args: argparse.Namespace) -> int:
 async def delete_client(args: argparse.Namespace) -> int:
     client_id: str = args.client_id
 
-    async def work(db: AsyncSession, deps: _Deps) -> int:
+    async def work(db: AsyncSession, deps: Connected) -> int:
         revoked = await client_service.delete_client(db, deps, client_id, actor_id=None)
         print(f"deleted {client_id}; {revoked} session(s) revoked")
         return OK
