@@ -593,8 +593,9 @@ async def revoke_user_session(
 ) -> None:
     """An administrator ends one of a user's sessions (and what an application obtained through
     it). Unlike the user's own sign-out this is an event (``user.session_revoked``) naming the
-    administrator, so the user's trail shows who did it."""
-    session = await repository.get_session(db, session_id)
+    administrator, so the user's trail shows who did it. The row is locked first: of two
+    revocations at once, the second waits and then finds it revoked (404), so one event."""
+    session = await db.get(UserSession, session_id, with_for_update=True)
     if session is None or session.user_id != user_id or session.revoked_at is not None:
         raise NotFound("No such session.")
     data = {"id": user_id, "session_id": session_id, "kind": session.kind, "actor_id": actor_id}

@@ -6,7 +6,7 @@ import base64
 import binascii
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -53,6 +53,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise ValueError("invalid cursor") from exc
     if after[0].tzinfo is None:  # ours always carry one; a naive time cannot be compared
         raise ValueError("invalid cursor")
+    try:
+        after[0].astimezone(UTC)  # compared in UTC: 9999-12-31T23:59-01:00 is no time there
+    except OverflowError as exc:
+        raise ValueError("invalid cursor") from exc
     return after
 
 

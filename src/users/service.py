@@ -329,7 +329,12 @@ async def delete_user(
         {"id": user.id, "actor_id": actor_id, "deleted_at": utcnow()},
     )
     await db.delete(user)
-    await commit_change(db, sec, [user.id], sessions)
+    try:
+        await commit_change(db, sec, [user.id], sessions)
+    except StaleDataError:
+        # Deleted by another request meanwhile (it held the row): this one changed nothing.
+        await db.rollback()
+        raise NotFound("No such user.") from None
     logger.info("user deleted: user=%s actor=%s", user_id, actor_id)
 
 

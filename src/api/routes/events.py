@@ -5,7 +5,7 @@ oldest first)."""
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -52,11 +52,21 @@ async def list_events(
     if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 18):
         raise InvalidInput("The cursor is not valid; start again without one.")
     for name, moment in (("since", since), ("until", until)):
-        if moment is not None and moment.tzinfo is None:
+        if moment is None:
+            continue
+        if moment.tzinfo is None:
             raise InvalidInput(
                 f"{name} needs a time zone offset (e.g. 2026-01-31T12:00:00Z).",
                 errors=[{"loc": ["query", name], "msg": "a time zone offset is required"}],
             )
+        try:
+            # The database compares in UTC: 9999-12-31T23:59-01:00 is no date there.
+            moment.astimezone(UTC)
+        except OverflowError:
+            raise InvalidInput(
+                f"{name} is outside the years 1 to 9999 once in UTC.",
+                errors=[{"loc": ["query", name], "msg": "out of range in UTC"}],
+            ) from None
     events, last = await search_events(
         db,
         limit=limit,

@@ -243,10 +243,31 @@ class Console:
         return (await self.call("GET", path, params=params)).json()
 
 
+class NotAnAdmin(ApiProblem):
+    """The console's tokens belong to an account that is no longer an administrator (demoted
+    while signed in): no console page is shown, and the console's session with it ends."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(
+            403,
+            "Administrators only",
+            f"{console.email} is not an administrator account (any more), so the console's "
+            "access to it has ended. Ask an administrator for access.",
+        )
+        self.console = console
+
+
 async def open_console(request: Request) -> Console:
-    """The console of a signed-in admin, or SignInNeeded."""
+    """The console of a signed-in admin; SignInNeeded without usable tokens, NotAnAdmin when
+    the account is no longer an administrator. Asked of the API on every page, even one that
+    would call no admin-only endpoint (a form, the health panel), so a demotion or a
+    deactivation takes effect on the next request."""
     services = app_services(request.app)
     tokens = read_tokens(request, services.security.sealer, services.settings)
     if tokens is None:
         raise SignInNeeded
-    return Console(await in_process_api(request), services.security.sealer, tokens)
+    console = Console(await in_process_api(request), services.security.sealer, tokens)
+    me = await console.get(f"{API}/users/me")
+    if not isinstance(me, dict) or me.get("role") != "admin":
+        raise NotAnAdmin(console)
+    return console

@@ -26,8 +26,14 @@ def _uris(text: str) -> list[str]:
 
 def _client_path(client_id: str) -> str:
     # Client ids are unreserved URI characters (CLIENT_ID_PATTERN): nothing to escape; anything
-    # else is no client, and must not reach the API's path as something else.
-    if not client_id or not set(client_id) <= _CLIENT_ID_CHARS or len(client_id) > 64:
+    # else is no client, and must not reach the API's path as something else. "." and ".." are
+    # unreserved too, but a URL resolves them: /clients/.. would be the API's root.
+    if (
+        not client_id
+        or not set(client_id) <= _CLIENT_ID_CHARS
+        or len(client_id) > 64
+        or client_id in (".", "..")
+    ):
         raise ApiProblem(404, "Not Found", "No such client.")
     return f"{API}/clients/{client_id}"
 

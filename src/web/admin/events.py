@@ -12,7 +12,7 @@ from starlette.responses import Response
 from src.events.outbox import EventType
 from src.web.admin.api import API, ApiProblem, Console, open_console
 from src.web.admin.pages import AdminRoute, page, remember
-from src.web.admin.users import actor_emails
+from src.web.admin.users import with_actors
 
 router = APIRouter(route_class=AdminRoute, include_in_schema=False)
 
@@ -74,8 +74,7 @@ async def events(request: Request) -> Response:
         console,
         "admin/events.html",
         {
-            "events": items,
-            "actors": await actor_emails(console, items),
+            "events": await with_actors(console, items),
             "next_cursor": next_cursor,
             "values": values,
             "event_types": EVENT_TYPES,

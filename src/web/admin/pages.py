@@ -3,17 +3,23 @@ the console's script and layout, the refreshed tokens' cookie, and its errors as
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Coroutine
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
 
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
 from src.app.container import app_services
-from src.web.admin.api import ApiProblem, Console, SignInNeeded
-from src.web.admin.session import set_tokens
+from src.web.admin.api import ApiProblem, Console, NotAnAdmin, SignInNeeded
+from src.web.admin.session import clear_tokens, set_tokens
 from src.web.render import PageRoute, redirect, render
+
+logger = logging.getLogger(__name__)
 
 # Where the request keeps its console (in its scope, like the CSRF token: never shared state).
 CONSOLE_KEY = "ums.admin_console"
@@ -95,14 +101,28 @@ class AdminRoute(PageRoute):
                     # The health panel's script: it says "sign in again" instead of following.
                     return Response(status_code=401)
                 response = redirect(signin_url(request, again=exc.again), 303)
+            except NotAnAdmin as exc:
+                return await not_an_admin(request, exc)
             except ApiProblem as exc:
-                console = request.scope.get(CONSOLE_KEY)
-                response = page(
+                response = error_page(request, exc.status, exc.title, exc.message)
+            except RequestValidationError:
+                # Only a path parameter is validated (forms are read by hand): a malformed id
+                # names no page.
+                response = error_page(request, 404, "Not Found", "There is no such page.")
+            except HTTPException as exc:
+                # Starlette's own refusals, such as a form body it cannot parse (400).
+                phrase = HTTPStatus(exc.status_code).phrase
+                message = exc.detail if isinstance(exc.detail, str) else phrase
+                response = error_page(request, exc.status_code, phrase, message)
+            except Exception:
+                # A readable page rather than the API's problem+json; the trace stays in the log.
+                logger.exception("Unhandled error on console page %s", request.url.path)
+                response = error_page(
                     request,
-                    console,
-                    "admin/error.html",
-                    {"title": exc.title, "message": exc.message},
-                    status=exc.status,
+                    500,
+                    "Something went wrong",
+                    "The console could not show this page. Try again; if it keeps failing, "
+                    "the service's log has the details.",
                 )
             console = request.scope.get(CONSOLE_KEY)
             if isinstance(console, Console) and console.changed:
@@ -111,3 +131,22 @@ class AdminRoute(PageRoute):
             return response
 
         return console_handler
+
+
+def error_page(request: Request, status: int, title: str, message: str) -> Response:
+    """The console's error page, with its menu when the request has a signed-in admin."""
+    console = request.scope.get(CONSOLE_KEY)
+    context = {"title": title, "message": message}
+    return page(request, console, "admin/error.html", context, status=status)
+
+
+async def not_an_admin(request: Request, exc: NotAnAdmin) -> Response:
+    """Refuse an account demoted while signed in, as the callback refuses a non-admin: its
+    console tokens are revoked and their cookie goes."""
+    for token in (exc.console.tokens.refresh_token, exc.console.tokens.access_token):
+        if token:
+            await exc.console.api.revoke(token)
+    context = {"title": exc.title, "message": exc.message}
+    response = page(request, None, "admin/error.html", context, status=exc.status)
+    clear_tokens(response, app_services(request.app).settings)
+    return response

@@ -3,8 +3,9 @@
 from fastapi import APIRouter
 
 from src.web.admin import clients, events, health, keys, signin, users
+from src.web.admin.fallback import fallback_router
 
-admin_routers: list[APIRouter] = [
+page_routers: list[APIRouter] = [
     signin.router,
     users.new_router,
     users.router,
@@ -13,3 +14,5 @@ admin_routers: list[APIRouter] = [
     health.router,
     events.router,
 ]
+# Any other /admin address gets the console's error page: last, so it answers only the rest.
+admin_routers: list[APIRouter] = [*page_routers, fallback_router(page_routers)]

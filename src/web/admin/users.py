@@ -63,17 +63,31 @@ async def search(request: Request) -> Response:
     )
 
 
-async def actor_emails(console: Console, events: list[dict[str, Any]]) -> dict[str, str]:
-    """Who each event's ``actor_id`` is (their address), looked up once per admin."""
-    found: dict[str, str] = {}
+async def with_actors(console: Console, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each event with ``actor``: who caused it (``label``, their address; ``id``), or None.
+
+    Admins are looked up once each. The trail is read back from Kafka and holds whatever was
+    published there: an ``actor_id`` that is no user id is shown as text, linked nowhere, and
+    never becomes part of an API path."""
+    labels: dict[str, str] = {}
     for event in events:
-        actor = event["data"].get("actor_id")
-        if isinstance(actor, str) and actor not in found:
+        raw = event["data"].get("actor_id")
+        event["actor"] = None
+        if raw is None or raw == "":
+            continue
+        try:
+            actor_id = str(uuid.UUID(str(raw)))
+        except ValueError:
+            event["actor"] = {"label": f"an unknown actor ({str(raw)[:100]})", "id": None}
+            continue
+        if actor_id not in labels:
             try:
-                found[actor] = (await console.get(f"{API}/users/{actor}"))["email"]
+                found = await console.get(f"{API}/users/{actor_id}")
+                labels[actor_id] = str(found["email"])
             except ApiProblem:
-                found[actor] = f"a former administrator ({actor})"
-    return found
+                labels[actor_id] = f"a former administrator ({actor_id})"
+        event["actor"] = {"label": labels[actor_id], "id": actor_id}
+    return events
 
 
 async def _history(console: Console, user_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -100,7 +114,7 @@ async def user_page(
     user = await console.get(f"{API}/users/{user_id}")
     sessions = await console.get(f"{API}/users/{user_id}/sessions")
     factors = await console.get(f"{API}/users/{user_id}/mfa")
-    events = await _history(console, user_id)
+    events = await with_actors(console, await _history(console, user_id))
     return page(
         request,
         console,
@@ -110,7 +124,6 @@ async def user_page(
             "sessions": sessions,
             "factors": factors,
             "events": events,
-            "actors": await actor_emails(console, events),
             "is_self": str(user_id) == console.tokens.user_id,
             "error": error,
         },
