@@ -55,6 +55,9 @@ SCOPES: dict[str, str] = {
 GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", "password")
 
 CLIENT_ID_PATTERN = r"^[A-Za-z0-9._~-]{1,64}$"
+# Unreserved characters, but as a URL path segment these two mean "here" and "up": a client
+# named so could never be addressed at /clients/{client_id}.
+DOT_SEGMENTS = frozenset({".", ".."})
 _CLIENT_ID = re.compile(CLIENT_ID_PATTERN, re.ASCII)
 MAX_URI_LENGTH = 2000
 MAX_URIS = 10
@@ -244,7 +247,7 @@ def post_logout_redirect_allowed(client: OAuthClient, uri: str) -> bool:
 def _valid_client_id(client_id: str) -> bool:
     # Nothing else was ever registered, so nothing else needs a query (and a NUL or a megabyte
     # of text never reaches the database).
-    return _CLIENT_ID.fullmatch(client_id) is not None
+    return _CLIENT_ID.fullmatch(client_id) is not None and client_id not in DOT_SEGMENTS
 
 
 async def get_client(db: AsyncSession, client_id: str) -> OAuthClient | None:

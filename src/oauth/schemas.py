@@ -17,6 +17,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from src.oauth.clients import (
     CLIENT_ID_PATTERN,
+    DOT_SEGMENTS,
     MAX_URI_LENGTH,
     MAX_URIS,
     NAME_MAX_LENGTH,
@@ -61,7 +62,15 @@ def _unique(values: list[T]) -> list[T]:
     return values
 
 
-ClientId = Annotated[str, StringConstraints(pattern=CLIENT_ID_PATTERN)]
+def _addressable(client_id: str) -> str:
+    if client_id in DOT_SEGMENTS:
+        raise ValueError("must not be '.' or '..' (they cannot be addressed in a URL path)")
+    return client_id
+
+
+ClientId = Annotated[
+    str, StringConstraints(pattern=CLIENT_ID_PATTERN), AfterValidator(_addressable)
+]
 Name = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=NAME_MAX_LENGTH),

@@ -387,6 +387,8 @@ BAD_BODIES: dict[str, tuple[dict[str, Any], str]] = {
     "client_id with a slash": ({"client_id": "a/b"}, "client_id"),
     "client_id with a space": ({"client_id": "a b"}, "client_id"),
     "empty client_id": ({"client_id": ""}, "client_id"),
+    "client_id a dot segment": ({"client_id": "."}, "client_id"),
+    "client_id two dots": ({"client_id": ".."}, "client_id"),
     "a secret of one's own": ({"client_secret": "chosen"}, "client_secret"),
     "a hash of one's own": ({"secret_hash": "0" * 64}, "secret_hash"),
 }
