@@ -48,6 +48,7 @@ from src.web.render import STATIC_DIR
 from tests.conftest import SettingsFactory
 from tests.support.app import PASSWORD, bearer, register, running_app, unique_email
 from tests.support.auth import outbox, password_grant, unverified_claims
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.oidc import (
     REDIRECT_URI,
     authorize_query,
@@ -67,16 +68,6 @@ if TYPE_CHECKING:
 
 App = tuple[FastAPI, httpx.AsyncClient]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 # Generous for a busy 2-core machine; every wait ends as soon as its condition holds.
 WAIT_MS = 20_000
 ADMIN_PASSWORD = "admin password for tests"

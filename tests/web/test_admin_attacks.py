@@ -35,9 +35,9 @@ from src.oauth.clients import CONSOLE_CLIENT_ID
 from src.security.sealing import Sealer
 from src.web.admin import keys as keys_screen
 from src.web.admin.session import read_pending, safe_next
-from tests.oauth.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.app import PASSWORD, bearer, login, register, unique_email
 from tests.support.auth import assert_problem, outbox
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.oidc import live_server
 from tests.support.servers import free_port
 from tests.web.helpers import cookie_header, form_at

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,14 +25,15 @@ import pytest
 
 from src.main import create_app
 from tests.conftest import SettingsFactory
-from tests.oauth.test_browser import (
+from tests.support.app import PASSWORD, login, register, unique_email
+from tests.support.browser import (
     CHROMIUM,
     CHROMIUM_ARGS,
     Watch,
+    step,
     watch_context,
     watch_page,
 )
-from tests.support.app import PASSWORD, login, register, unique_email
 from tests.support.events import FAST_GROUP_JOIN
 from tests.support.oidc import live_server
 from tests.support.servers import KafkaBroker, RedisServer, free_port
@@ -52,21 +53,6 @@ def artifacts(tmp_path: Path) -> Path:
     directory = Path(given) / "admin-console" if given else tmp_path / "admin-console"
     directory.mkdir(parents=True, exist_ok=True)
     return directory
-
-
-@contextlib.asynccontextmanager
-async def step(name: str, page: Page, watch: Watch) -> AsyncIterator[None]:
-    from playwright.async_api import Error as PlaywrightError
-
-    try:
-        yield
-    except (AssertionError, PlaywrightError) as exc:
-        pytest.fail(
-            f"step {name!r} failed at {page.url}: {exc}\n"
-            f"CSP violations: {watch.violations + watch.csp_console()}\n"
-            f"page errors: {watch.page_errors}",
-            pytrace=False,
-        )
 
 
 async def sign_in(page: Page, base: str, email: str, password: str) -> None:
