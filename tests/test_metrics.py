@@ -404,9 +404,6 @@ async def test_a_redis_outage_shows_in_the_gauges_and_the_limiter_fallback(
             return value(await scrape(client), "ums_dependency_up", **redis_up) == expected
 
         await eventually(lambda: redis_is(1), timeout=15)
-        # The gauge is as of the limiter's last decision, and this process may have seen an
-        # outage in an earlier test: a decision on Redis first.
-        await login(client, user["email"])
         before = await scrape(client)
         assert value(before, "ums_rate_limiter_fallback", limiter="login") == 0
         assert total(before, "ums_dependency_check_duration_seconds_count", dependency="redis")
@@ -530,3 +527,17 @@ async def test_a_failed_send_is_counted_and_the_retry_too(
     assert value(after, "ums_relay_retried_events_total") > value(
         before, "ums_relay_retried_events_total"
     )
+
+
+async def test_a_new_limiter_does_not_inherit_a_fallback_an_earlier_one_reported(
+    make_settings: SettingsFactory,
+) -> None:
+    from src.services import metrics as service_metrics
+
+    # What an app that shut down during a Redis outage leaves in this process.
+    service_metrics.LIMITER_FALLBACK.labels("login").set(1)
+    service_metrics.LIMITER_FALLBACK.labels("throttle").set(1)
+    async with running_app(make_settings(METRICS="open")) as (_, client):
+        scraped = await scrape(client)
+        assert value(scraped, "ums_rate_limiter_fallback", limiter="login") == 0
+        assert value(scraped, "ums_rate_limiter_fallback", limiter="throttle") == 0

@@ -223,6 +223,9 @@ class _RedisOrLocal:
         self._scripts: dict[str, AsyncScript] = {}
         self._degraded = False
         self.fallback_count = 0
+        # The gauge follows ``_degraded``: a new limiter starts on Redis, whatever one before it
+        # in this process (an app started earlier, as in the tests) last said.
+        metrics.LIMITER_FALLBACK.labels(self.metric_label).set(0)
 
     @property
     def degraded(self) -> bool:
