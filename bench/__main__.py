@@ -186,6 +186,17 @@ def _errors(results: list[WrkResult]) -> str:
 # --- the run -------------------------------------------------------------------------------------
 
 
+def _log_message(line: str) -> str:
+    """A log line without its time and level, ``logger: message``, from a text line (a timestamp
+    first) or from a JSON one (production's format), so repeats count as one."""
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError, LookupError, TypeError):
+            entry = json.loads(line)
+            return f"{entry['logger']}: {entry['message']}"
+    parts = line.split(" ", 2)
+    return parts[2] if len(parts) == 3 and parts[0][:2] == "20" else line
+
+
 class Bench:
     """Owns everything the run starts, and tears it down in ``close`` whatever happened."""
 
@@ -280,9 +291,7 @@ class Bench:
         if server.name != "service":
             return
         for line in server.log_since(0):
-            parts = line.split(" ", 2)
-            message = parts[2] if len(parts) == 3 and parts[0][:2] == "20" else line
-            self.server_log_lines[message[:160]] += 1
+            self.server_log_lines[_log_message(line)[:160]] += 1
 
     # --- wrk helpers -----------------------------------------------------------------------------
     def script(self, name: str, text: str) -> Path:

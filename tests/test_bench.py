@@ -145,3 +145,20 @@ def test_a_file_without_markers_keeps_everything_and_gains_the_section() -> None
     text = replace_section(existing, "new")
     assert text.startswith(existing.rstrip())
     assert text.endswith(f"{BEGIN}\nnew\n{END}\n")
+
+
+def test_the_bench_counts_a_repeated_log_line_once_in_either_format() -> None:
+    from bench.__main__ import _log_message
+
+    text = "2026-11-29T18:07:16.930Z WARNING src.api.middleware: Overloaded: 1 refused"
+    json_line = (
+        '{"time": "2026-11-29T18:07:16.930Z", "level": "WARNING", '
+        '"logger": "src.api.middleware", "message": "Overloaded: 1 refused", "request_id": "x"}'
+    )
+    assert (
+        _log_message(text)
+        == _log_message(json_line)
+        == ("src.api.middleware: Overloaded: 1 refused")
+    )
+    assert _log_message("{not json") == "{not json"
+    assert _log_message('{"message": "no logger"}') == '{"message": "no logger"}'

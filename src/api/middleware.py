@@ -407,24 +407,31 @@ class RequestIdMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             path: str = scope.get("path", "")
-            method: str = scope.get("method", "")
-            template = matched_template(scope, path)
-            if self.metrics is not None:
-                self.metrics.observe(method, template, status, elapsed)
-            access_logger.log(
+            level = (
                 logging.DEBUG
                 if path in self.quiet_paths and status not in (401, 403)
-                else logging.INFO,
-                "request",
-                extra={
-                    "method": method,
-                    # The template (/api/v1/users/{user_id}): lines group by operation, and an id
-                    # in a path is not written out for every request.
-                    "route": template or path,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 1),
-                },
+                else logging.INFO
             )
+            logged = access_logger.isEnabledFor(level)
+            # Nothing more to do on the hot path when neither wants it (LOG_LEVEL=WARNING).
+            if logged or self.metrics is not None:
+                method: str = scope.get("method", "")
+                template = matched_template(scope, path)
+                if self.metrics is not None:
+                    self.metrics.observe(method, template, status, elapsed)
+                if logged:
+                    access_logger.log(
+                        level,
+                        "request",
+                        extra={
+                            "method": method,
+                            # The template (/api/v1/users/{user_id}): lines group by operation,
+                            # and an id in a path is not written out for every request.
+                            "route": template or path,
+                            "status": status,
+                            "duration_ms": round(elapsed * 1000, 1),
+                        },
+                    )
             client_id_var.reset(tokens[2])
             user_id_var.reset(tokens[1])
             request_id_var.reset(tokens[0])
