@@ -40,8 +40,8 @@ RUN groupadd --system --gid 10001 app \
 COPY --from=builder /opt/venv /opt/venv
 
 WORKDIR /app
-# alembic.ini finds the migrations under ./src (script_location), and the entry point and the
-# connectivity check run from here.
+# The entry point (`user-service serve --migrate`) and the connectivity check run from here;
+# alembic.ini is for running `alembic` by hand.
 COPY alembic.ini docker-entrypoint.sh test_connections.py ./
 COPY src ./src
 

@@ -337,10 +337,17 @@ async def test_python_m_src_check_as_a_process(cli_env: dict[str, str], tmp_path
 
 
 async def test_serve_listens_on_the_settings_port_and_stops_on_sigterm(
-    cli_env: dict[str, str], tmp_path: Path, process_log: Path
+    cli_env: dict[str, str], tmp_path: Path, process_log: Path, empty_database: str
 ) -> None:
+    # An empty database: --migrate (what the container's entry point runs) migrates it first.
     port = free_port()
-    env = {**cli_env, "PORT": str(port), "REDIS_ENABLED": "false", "LOG_LEVEL": "INFO"}
+    env = {
+        **cli_env,
+        "DATABASE_URL": empty_database,
+        "PORT": str(port),
+        "REDIS_ENABLED": "false",
+        "LOG_LEVEL": "INFO",
+    }
     with process_log.open("ab") as log:
         server = subprocess.Popen(
             [str(CONSOLE_SCRIPT), "serve", "--migrate"],

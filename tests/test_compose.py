@@ -230,12 +230,11 @@ def test_dockerfile_installs_the_package_and_exposes_8000() -> None:
 
 
 def test_container_migrates_then_serves() -> None:
+    # `serve --migrate` migrates before it serves: tests/test_cli.py starts it on an empty
+    # database.
     command = _startup_command()
-    migrate = command.find("alembic upgrade head")
-    serve = re.search(r"uvicorn src\.main:app --host 0\.0\.0\.0 --port 8000", command)
-    assert migrate != -1, "migrations are not run"
-    assert serve, "uvicorn src.main:app is not started on 0.0.0.0:8000"
-    assert migrate < serve.start()
+    serve = re.search(r"user-service serve --migrate --host 0\.0\.0\.0 --port 8000$", command, re.M)
+    assert serve, "user-service serve --migrate is not started on 0.0.0.0:8000"
     # `set -e`: a failed migration must stop the container, not start a service that refuses.
     if "docker-entrypoint.sh" in command:
         assert re.search(r"^set -\w*e", (ROOT / "docker-entrypoint.sh").read_text(), re.M)

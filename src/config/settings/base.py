@@ -53,9 +53,9 @@ class Settings(BaseSettings):
     # (user-management-service), OTEL_TRACES_SAMPLER, OTEL_RESOURCE_ATTRIBUTES and the rest.
     TRACING_ENABLED: bool = False
     DATA_DIR: Path = Path("./data")
-    # Server processes: uvicorn reads WEB_CONCURRENCY from the environment (not from .env) as its
-    # --workers default, and the container entry point passes it on. The password hashing
-    # threads are shared out among them.
+    # Server processes: `user-service serve` (the container's entry point) starts this many;
+    # uvicorn run by hand reads it from the environment (not from .env) as its --workers default.
+    # The password hashing threads are shared out among them.
     WEB_CONCURRENCY: int = Field(default=1, ge=1, le=64)
     # Where `user-service serve` listens (its --host and --port override them): the loopback
     # interface by default, so a development server is not reachable from the network; a
